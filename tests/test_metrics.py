@@ -1,0 +1,179 @@
+"""Tests for diffad.metrics: hand-derived values, invariances, a brute-force PRO, errors."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from diffad.metrics import image_auroc, pixel_auroc, pro, pro_curve, pro_threshold_sweep, trapezoid
+
+
+def brute_force_pro(masks, maps, fpr_limit=0.3):
+    """PRO threshold by threshold: every distinct score, regions and FPR counted directly."""
+    masks = np.asarray(masks) != 0
+    maps = np.asarray(maps, dtype=np.float64)
+    regions = []
+    for mask, amap in zip(masks, maps):
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        regions += [amap[labels == k] for k in range(1, n + 1)]
+    normal_scores = maps[~masks]
+    xs, ys = [0.0], [0.0]
+    for th in np.unique(maps)[::-1]:
+        xs.append(np.mean(normal_scores >= th))
+        ys.append(np.mean([np.mean(r >= th) for r in regions]))
+    xs.append(1.0)
+    ys.append(1.0)
+    xs, ys = np.array(xs), np.array(ys)
+    # Integrate the piecewise-linear curve on [0, limit]; vertical steps have no area.
+    grid = np.concatenate([xs[xs < fpr_limit], [fpr_limit]])
+    area = 0.0
+    for a, b in zip(grid[:-1], grid[1:]):
+        if b > a:
+            # y at a (right-limit) and b (left-limit) on the segment containing (a, b)
+            j = np.searchsorted(xs, a, side="right")  # first point with x > a
+            x0, y0, x1, y1 = xs[j - 1], ys[j - 1], xs[j], ys[j]
+            ya = y0 + (y1 - y0) * (a - x0) / (x1 - x0)
+            yb = y0 + (y1 - y0) * (b - x0) / (x1 - x0)
+            area += 0.5 * (ya + yb) * (b - a)
+    return area / fpr_limit
+
+
+def test_pro_hand_derived():
+    # Two images, one region each (sizes 2 and 1), 5 normal pixels.
+    masks = np.array([[[1, 1, 0, 0]], [[0, 0, 1, 0]]])
+    maps = np.array([[[0.9, 0.3, 0.8, 0.1]], [[0.7, 0.2, 0.6, 0.0]]])
+    # Descending: .9 (A), .8 (n), .7 (n), .6 (B), .3 (A), .2 (n), .1 (n), 0 (n).
+    # Curve (fpr, pro): (0,0) (0,.25) (.2,.25) (.4,.25) (.4,.75) (.4,1) (.6,1) (.8,1) (1,1).
+    # Area up to 0.5: .25*.4 + 1.0*.1 = 0.2, divided by 0.5 -> 0.4.
+    assert pro(masks, maps, fpr_limit=0.5) == pytest.approx(0.4, abs=1e-12)
+    # Up to 0.3: .25*.3 = .075 -> .25
+    assert pro(masks, maps, fpr_limit=0.3) == pytest.approx(0.25, abs=1e-12)
+    fprs, pros = pro_curve(masks, maps)
+    np.testing.assert_allclose(fprs, [0, 0, .2, .4, .4, .4, .6, .8, 1, 1])
+    np.testing.assert_allclose(pros, [0, .25, .25, .25, .75, 1, 1, 1, 1, 1])
+
+
+def test_pro_regions_are_eight_connected():
+    # Two diagonal pixels form ONE region under 8-connectivity: PRO weighs it once.
+    masks = np.zeros((1, 4, 4), int)
+    masks[0, 0, 0] = masks[0, 1, 1] = 1
+    masks[0, 3, 3] = 1  # a second, separate region
+    maps = np.zeros((1, 4, 4))
+    maps[0, 0, 0] = 1.0  # detects half of the diagonal region only
+    # At threshold 1: pro = (0.5 + 0) / 2 regions = 0.25 with fpr 0; then jumps to fpr 1.
+    fprs, pros = pro_curve(masks, maps)
+    assert pros[1] == pytest.approx(0.25)
+    assert fprs[1] == 0.0
+
+
+def test_pro_ties_are_merged():
+    masks = np.array([[[1, 0, 0, 0]]])
+    maps = np.array([[[0.5, 0.5, 0.1, 0.1]]])
+    fprs, pros = pro_curve(masks, maps)
+    # One point per distinct score: (1/3, 1) at 0.5, then (1, 1) at 0.1; plus the ends.
+    np.testing.assert_allclose(fprs, [0, 1 / 3, 1, 1])
+    np.testing.assert_allclose(pros, [0, 1, 1, 1])
+    # Segment from (0,0) to (1/3, 1): area to 0.3 is 0.5 * 0.3 * 0.9 -> / 0.3 = 0.45
+    assert pro(masks, maps) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pro_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n, h, w = rng.integers(1, 4), rng.integers(3, 9), rng.integers(3, 9)
+    masks = (rng.random((n, h, w)) < 0.3).astype(np.uint8) * rng.integers(1, 255)
+    masks[0, 0, 0] = 1  # at least one defect pixel
+    masks[-1, -1, -1] = 0  # at least one normal pixel
+    maps = rng.integers(0, 6, size=(n, h, w)).astype(float)  # many ties
+    for limit in (0.05, 0.3, 0.77, 1.0):
+        assert pro(masks, maps, fpr_limit=limit) == pytest.approx(brute_force_pro(masks, maps, limit), abs=1e-9)
+
+
+def test_pro_partial_sort_equals_full_curve():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((4, 32, 32), bool)
+    masks[0, 5:12, 5:20] = True
+    masks[2, 20:30, 3:6] = True
+    maps = rng.gamma(0.5, size=masks.shape) + 2.0 * masks
+    full_fprs, full_pros = pro_curve(masks, maps)
+    assert pro(masks, maps) == pytest.approx(trapezoid(full_fprs, full_pros, 0.3) / 0.3, abs=1e-12)
+
+
+def test_pro_invariant_under_monotone_rescaling_and_in_unit_range():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 24, 24), bool)
+    masks[0, 2:6, 2:9] = True
+    masks[1, 10:20, 10:12] = True
+    maps = rng.random(masks.shape) + 0.6 * masks
+    base = pro(masks, maps)
+    assert 0.0 <= base <= 1.0
+    for f in (lambda m: 3 * m + 7, np.exp, lambda m: m ** 5, lambda m: np.log(m + 1e-3)):
+        assert pro(masks, f(maps)) == pytest.approx(base, abs=1e-12)
+    # The threshold sweep is not invariant: it changes under a skewing transform.
+    assert abs(pro_threshold_sweep(masks, np.exp(12 * maps)) - base) > 0.05
+
+
+def test_perfect_and_worst_maps():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 1:3, 1:3] = True
+    assert pro(masks, masks.astype(float)) == pytest.approx(1.0)
+    assert pro(masks, (~masks).astype(float)) == pytest.approx(0.0)
+    assert pixel_auroc(masks, masks.astype(float)) == 1.0
+    assert pixel_auroc(masks, (~masks).astype(float)) == 0.0
+
+
+def test_accepts_tensors_and_channel_dim():
+    rng = np.random.default_rng(1)
+    masks = rng.random((3, 1, 10, 10)) < 0.2
+    maps = rng.random((3, 1, 10, 10))
+    expected = pro(masks[:, 0], maps[:, 0])
+    assert pro(torch.from_numpy(masks), torch.from_numpy(maps)) == pytest.approx(expected)
+    assert pixel_auroc(torch.from_numpy(masks), torch.from_numpy(maps)) == pytest.approx(
+        pixel_auroc(masks[:, 0], maps[:, 0])
+    )
+
+
+def test_pixel_auroc_hand_derived():
+    masks = np.array([[[1, 0, 0, 1]]])
+    maps = np.array([[[0.8, 0.4, 0.9, 0.1]]])
+    # Pairs (pos, neg): (.8,.4) win, (.8,.9) lose, (.1,.4) lose, (.1,.9) lose -> 1/4
+    assert pixel_auroc(masks, maps) == pytest.approx(0.25)
+
+
+def test_image_auroc():
+    assert image_auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert image_auroc(torch.tensor([0, 1]), torch.tensor([0.0, 1.0])) == 1.0
+
+
+def test_errors_name_the_problem():
+    masks = np.zeros((1, 4, 4))
+    maps = np.zeros((1, 4, 4))
+    with pytest.raises(ValueError, match="no defect"):
+        pro(masks, maps)
+    with pytest.raises(ValueError, match="no defective"):
+        pixel_auroc(masks, maps)
+    with pytest.raises(ValueError, match="no normal"):
+        pro(np.ones((1, 4, 4)), maps)
+    with pytest.raises(ValueError, match="no normal"):
+        pixel_auroc(np.ones((1, 4, 4)), maps)
+    with pytest.raises(ValueError, match="differ in shape"):
+        pro(np.ones((1, 4, 4)), np.zeros((1, 8, 8)))
+    with pytest.raises(ValueError, match="NaN"):
+        pixel_auroc(np.eye(4)[None], np.full((1, 4, 4), np.nan))
+    with pytest.raises(ValueError, match="no defective"):
+        image_auroc([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="differ in length"):
+        image_auroc([0, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="fpr_limit"):
+        pro(np.eye(4)[None], maps, fpr_limit=0)
+
+
+def test_many_large_maps_fit_in_memory():
+    # 500 maps of 256x256, as a full MVTec category would give; float32 input.
+    rng = np.random.default_rng(0)
+    masks = np.zeros((500, 256, 256), dtype=np.uint8)
+    masks[::2, 100:140, 60:90] = 1
+    maps = rng.random((500, 256, 256), dtype=np.float32)
+    maps[masks != 0] += 0.5
+    value = pro(masks, maps)
+    assert 0.0 < value <= 1.0
