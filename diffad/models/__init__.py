@@ -1,0 +1,33 @@
+"""The denoising network: OpenAI's ADM UNet with a feature head, and guided-diffusion checkpoint loading."""
+
+from diffad.models.checkpoint import (
+    GUIDED_DIFFUSION_URLS,
+    download_guided_diffusion_checkpoint,
+    load_guided_diffusion_checkpoint,
+    read_state_dict,
+)
+from diffad.models.unet import (
+    UNET_CONFIGS,
+    UNetConfig,
+    UNetModel,
+    count_parameters,
+    create_unet,
+    default_channel_mult,
+    timestep_embedding,
+    unet_config,
+)
+
+__all__ = [
+    "UNetModel",
+    "UNetConfig",
+    "UNET_CONFIGS",
+    "unet_config",
+    "create_unet",
+    "count_parameters",
+    "default_channel_mult",
+    "timestep_embedding",
+    "GUIDED_DIFFUSION_URLS",
+    "load_guided_diffusion_checkpoint",
+    "download_guided_diffusion_checkpoint",
+    "read_state_dict",
+]

@@ -1,0 +1,138 @@
+"""Load OpenAI guided-diffusion checkpoints (e.g. ImageNet ``256x256_diffusion.pt``) into our UNet.
+
+The paper's models start from OpenAI's class-conditional ImageNet model: the 1000-class label
+embedding is dropped (MVTec models use 15 classes) and the feature head is new. Loading is
+therefore strict on every key and shape except those two, and reports what it skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "GUIDED_DIFFUSION_URLS",
+    "load_guided_diffusion_checkpoint",
+    "download_guided_diffusion_checkpoint",
+    "read_state_dict",
+]
+
+GUIDED_DIFFUSION_URLS = {
+    "256x256_diffusion": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion.pt",  # online
+    "256x256_diffusion_uncond": "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",  # online
+}
+
+LABEL_EMBEDDING_KEY = "label_emb.weight"
+FEATURE_HEAD_PREFIX = "feature_head."
+_SHOW = 5  # offending keys listed in an error message
+
+
+def _first(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOW else "")
+
+
+def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a state dict of tensors from a torch file, with clear errors for anything else.
+
+    Accepts a plain state dict (what guided-diffusion saves) or a dict holding one under
+    ``"state_dict"`` or ``"model"``. Loads with ``weights_only=True`` (no arbitrary code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load raises many types on foreign bytes; all mean the same here
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error})") from error
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if wrapper in obj and isinstance(obj[wrapper], Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    return dict(obj)
+
+
+def load_guided_diffusion_checkpoint(
+    model: nn.Module, path: str | Path, map_location: str | torch.device = "cpu"
+) -> dict:
+    """Copy a guided-diffusion state dict into ``model``; return ``{"loaded", "skipped", "new"}``.
+
+    Strict on every key and shape, with two allowed exceptions:
+
+    * ``label_emb.weight`` whose class count differs from the model's, or that the model
+      (unconditional) lacks, is *skipped*; a model's label embedding that the file lacks
+      (unconditional checkpoint) is *new*. Either way the model keeps its own initialisation.
+    * ``feature_head.*`` parameters absent from the file are *new* (OpenAI's models have none).
+
+    Any other missing, unexpected or mis-shaped key raises ``ValueError`` naming the keys and
+    the file; nothing is copied in that case.
+    """
+    path = Path(path)
+    source = read_state_dict(path, map_location=map_location)
+    target = model.state_dict()
+
+    skipped: list[str] = []
+    new: list[str] = []
+    to_load: dict[str, torch.Tensor] = {}
+
+    unexpected = [k for k in source if k not in target]
+    missing = [k for k in target if k not in source]
+    if LABEL_EMBEDDING_KEY in unexpected:
+        unexpected.remove(LABEL_EMBEDDING_KEY)
+        skipped.append(LABEL_EMBEDDING_KEY)
+    for key in list(missing):
+        if key == LABEL_EMBEDDING_KEY or key.startswith(FEATURE_HEAD_PREFIX):
+            missing.remove(key)
+            new.append(key)
+
+    mismatched = []
+    for key, tensor in source.items():
+        if key not in target:
+            continue
+        if tuple(tensor.shape) != tuple(target[key].shape):
+            if key == LABEL_EMBEDDING_KEY and tensor.ndim == 2 and tensor.shape[1] == target[key].shape[1]:
+                skipped.append(key)
+                continue
+            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(target[key].shape)}")
+            continue
+        to_load[key] = tensor
+
+    problems = []
+    if missing:
+        problems.append(f"missing from the file: {_first(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_first(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_first(mismatched)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint {path} does not fit this model ({type(model).__name__}); "
+            + "; ".join(problems)
+            + ". Check that the model config matches the checkpoint's flags."
+        )
+
+    model.load_state_dict(to_load, strict=False)
+    return {"loaded": len(to_load), "skipped": skipped, "new": new}
+
+
+def download_guided_diffusion_checkpoint(dest_dir: str | Path, name: str = "256x256_diffusion") -> Path:
+    """Download one of OpenAI's guided-diffusion checkpoints into ``dest_dir``; return its path.
+
+    Needs internet (about 2.2 GB for the 256x256 models); an existing complete file is reused
+    as :func:`diffad.download.download_url` decides.
+    """
+    if name not in GUIDED_DIFFUSION_URLS:
+        raise ValueError(f"unknown guided-diffusion checkpoint {name!r}; choose one of {sorted(GUIDED_DIFFUSION_URLS)}")
+    from diffad.download import download_url  # lazy: keeps diffad.models importable on its own
+
+    dest = Path(dest_dir) / f"{name}.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(download_url(GUIDED_DIFFUSION_URLS[name], dest, desc=f"guided-diffusion {name}"))
