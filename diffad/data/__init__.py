@@ -1,0 +1,59 @@
+"""Data for diffad: the MVTec-AD reader, its download, and an offline built-in dataset.
+
+* :class:`MVTecAD` reads one category of any dataset in the MVTec-AD folder layout and
+  returns dicts with ``image`` (3xHxW in [0, 1]), ``mask`` (1xHxW, {0, 1}), ``label``,
+  ``defect_type`` and ``path``; ``split`` is ``"train"``, ``"val"`` (a seeded carve-out of
+  the normal training images) or ``"test"``. :func:`load_all` / ``MVTecAD.stack`` read a
+  small split into tensors.
+* :func:`download_mvtec` fetches the official 5 GB archive (resumable, verified) and
+  extracts the categories asked for.
+* :func:`make_builtin_dataset` writes a small dataset in the same layout offline, in
+  seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel) and two
+  drawn objects (nut, capsule), each with nine defect kinds, four of them low-contrast.
+* :func:`to_diffusion_range` / :func:`from_diffusion_range`: the explicit [0, 1] <-> [-1, 1]
+  conversion for the diffusion model.
+
+This package imports nothing of diffad except the generic :mod:`diffad.download`.
+"""
+
+from .builtin import (
+    BUILTIN_CATEGORIES,
+    BUILTIN_OBJECTS,
+    BUILTIN_TEXTURES,
+    DEFECT_KINDS,
+    LOW_CONTRAST_KINDS,
+    make_builtin_dataset,
+)
+from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
+from .mvtec import (
+    MVTEC_CATEGORIES,
+    OBJECT_CATEGORIES,
+    TEXTURE_CATEGORIES,
+    MVTecAD,
+    Sample,
+    list_categories,
+    load_all,
+)
+from .transforms import from_diffusion_range, to_diffusion_range
+
+__all__ = [
+    "BUILTIN_CATEGORIES",
+    "BUILTIN_OBJECTS",
+    "BUILTIN_TEXTURES",
+    "DEFECT_KINDS",
+    "LOW_CONTRAST_KINDS",
+    "MVTEC_CATEGORIES",
+    "MVTEC_SHA256",
+    "MVTEC_SIZE",
+    "MVTEC_URL",
+    "MVTecAD",
+    "OBJECT_CATEGORIES",
+    "Sample",
+    "TEXTURE_CATEGORIES",
+    "download_mvtec",
+    "from_diffusion_range",
+    "list_categories",
+    "load_all",
+    "make_builtin_dataset",
+    "to_diffusion_range",
+]
