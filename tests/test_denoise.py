@@ -1,0 +1,203 @@
+"""Tests for diffad.denoise: gradient denoising and plain reconstruction.
+
+A tiny untrained UNet (32 px) and a PaDiM on the offline EfficientNet-Lite0 are enough to
+check shapes, the update rule, the pull, determinism and errors.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffad.backbones import FeatureExtractor
+from diffad.baselines import PaDiM
+from diffad.data import from_diffusion_range, to_diffusion_range
+from diffad.denoise import Trajectory, gradient_denoise, reconstruct
+from diffad.presets import get_preset
+from diffad.train import TrainedModel, build_diffusion, build_unet
+
+SIZE = 32
+
+
+def smooth_noise(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    return F.interpolate(low, size=(SIZE, SIZE), mode="bicubic", align_corners=False).clamp(0, 1) * 0.5 + 0.25
+
+
+def tiny_model(class_cond: bool = False) -> TrainedModel:
+    preset = get_preset("cpu", unet="tiny", image_size=SIZE, class_cond=class_cond)
+    torch.manual_seed(0)
+    categories = ["a", "b"] if class_cond else ["a"]
+    unet = build_unet(preset, 8, len(categories) if class_cond else None).eval()
+    # ADM zero-initialises every residual branch's last layer, so a fresh UNet ignores t and the
+    # label; perturb all weights so that the output depends on them, as a trained one's does.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return TrainedModel(preset, categories, unet, 8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def padim():
+    extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)
+    return PaDiM(extractor, n_features=32, device="cpu").fit(smooth_noise(8, seed=0))
+
+
+@pytest.fixture(scope="module")
+def anomalous():
+    images = smooth_noise(2, seed=1)
+    images[:, :, 8:16, 10:18] = 1.0
+    return images
+
+
+def test_trajectory_shapes_and_records(model, padim, anomalous):
+    trajectory = gradient_denoise(model, padim, anomalous, rounds=4, inner_steps=2, record_every=3)
+    assert isinstance(trajectory, Trajectory)
+    assert trajectory.steps == [0, 3, 4] and len(trajectory) == 3
+    assert len(trajectory.images) == len(trajectory.losses) == 3
+    assert torch.equal(trajectory.images[0], anomalous)
+    assert trajectory.result is trajectory.images[-1]
+    for image, loss in zip(trajectory.images, trajectory.losses):
+        assert image.shape == anomalous.shape and image.min() >= 0 and image.max() <= 1
+        assert loss.shape == (2,) and torch.isfinite(loss).all()
+    assert not torch.equal(trajectory.result, anomalous)
+
+
+def test_loss_decreases_along_gradient_steps_without_pull(model, padim, anomalous):
+    trajectory = gradient_denoise(model, padim, anomalous, rounds=4, inner_steps=2, pull_timestep=None,
+                                  record_every=1)
+    losses = torch.stack(trajectory.losses)  # (records, images)
+    assert trajectory.steps == [0, 1, 2, 3, 4]
+    assert (losses[-1] < 0.9 * losses[0]).all()
+    assert (losses[1:] < losses[:1]).all()
+    # the recorded loss is the PaDiM mean distance of the recorded image
+    with torch.no_grad():
+        first = padim.grid_scores(anomalous).flatten(1).mean(dim=1)
+    assert torch.allclose(losses[0], first)
+
+
+def test_one_gradient_step_follows_the_update_rule(model, padim, anomalous):
+    step_size = 0.05
+    result = gradient_denoise(model, padim, anomalous, rounds=1, inner_steps=1, step_size=step_size,
+                              pull_timestep=None).result
+    x = to_diffusion_range(anomalous).requires_grad_(True)
+    loss = padim.grid_scores(from_diffusion_range(x)).mean(dim=(1, 2)).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    g_hat = grad / grad.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    expected = math.sqrt(1 - step_size**2) * x.detach() - step_size * g_hat
+    assert torch.allclose(result, from_diffusion_range(expected).clamp(0, 1), atol=1e-5)
+
+
+def test_pull_is_the_reverse_step_mean(model, padim, anomalous):
+    result = gradient_denoise(model, padim, anomalous, rounds=1, inner_steps=0, pull_timestep=8).result
+    diffusion = build_diffusion(model.preset)
+    with torch.no_grad():
+        mean = diffusion.p_mean_variance(model.unet, to_diffusion_range(anomalous), 8)["mean"]
+    assert torch.allclose(result, from_diffusion_range(mean).clamp(0, 1), atol=1e-6)
+
+
+def test_gradient_denoise_is_deterministic(model, padim, anomalous):
+    kwargs = dict(rounds=2, inner_steps=1, record_every=1)
+    first = gradient_denoise(model, padim, anomalous, **kwargs)
+    second = gradient_denoise(model, padim, anomalous, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(first.images, second.images))
+    noisy = [gradient_denoise(model, padim, anomalous, stochastic=True, generator=torch.Generator().manual_seed(s),
+                              **kwargs).result for s in (0, 0, 1)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+    assert not torch.equal(noisy[0], first.result)
+
+
+def test_class_conditional_model_needs_a_category(padim, anomalous):
+    conditional = tiny_model(class_cond=True)
+    with pytest.raises(ValueError, match="category"):
+        gradient_denoise(conditional, padim, anomalous, rounds=1, inner_steps=0)
+    with pytest.raises(ValueError, match="not on 'c'"):
+        reconstruct(conditional, anomalous, t=3, category="c")
+    a = gradient_denoise(conditional, padim, anomalous, rounds=1, inner_steps=0, category="a").result
+    b = gradient_denoise(conditional, padim, anomalous, rounds=1, inner_steps=0, category="b").result
+    assert not torch.equal(a, b)  # the label reaches the UNet
+
+
+def test_gradient_denoise_errors(model, padim, anomalous):
+    with pytest.raises(ValueError, match="trained at 32x32"):
+        gradient_denoise(model, padim, F.interpolate(anomalous, size=64), rounds=1)
+    with pytest.raises(ValueError, match="pull_timestep"):
+        gradient_denoise(model, padim, anomalous, rounds=1, pull_timestep=1000)
+    with pytest.raises(ValueError, match="not fitted"):
+        gradient_denoise(model, PaDiM(padim.extractor, n_features=4, device="cpu"), anomalous, rounds=1)
+    with pytest.raises(ValueError, match="rounds"):
+        gradient_denoise(model, padim, anomalous, rounds=0)
+    with pytest.raises(ValueError, match="step_size"):
+        gradient_denoise(model, padim, anomalous, rounds=1, step_size=1.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        gradient_denoise(model, padim, anomalous * 2 - 1, rounds=1)
+
+
+# ------------------------------------------------------------------- reconstruct
+
+
+class CountingUNet(torch.nn.Module):
+    """Wraps a UNet and records the timesteps it is called with."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, []
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append(t[0].item())
+        return self.unet(x, t, **kwargs)
+
+
+def test_reconstruct_shapes_range_and_determinism(model, anomalous):
+    first = reconstruct(model, anomalous, t=10, seed=0)
+    assert first.shape == anomalous.shape and first.min() >= 0 and first.max() <= 1
+    assert torch.equal(first, reconstruct(model, anomalous, t=10, seed=0))
+    assert not torch.equal(first, reconstruct(model, anomalous, t=10, seed=1))
+    ddim = reconstruct(model, anomalous, t=10, steps=4, method="ddim")
+    assert ddim.shape == anomalous.shape
+    assert torch.equal(ddim, reconstruct(model, anomalous, t=10, steps=4, method="ddim", seed=0))
+    assert not torch.equal(ddim, reconstruct(model, anomalous, t=10, steps=4, method="ddim", seed=1))
+
+
+def test_reconstruct_visits_the_right_timesteps(model, anomalous):
+    counting = CountingUNet(model.unet)
+    wrapped = TrainedModel(model.preset, model.categories, counting, model.feature_channels)
+    reconstruct(wrapped, anomalous, t=6)
+    assert counting.calls == [6, 5, 4, 3, 2, 1, 0]
+    counting.calls.clear()
+    reconstruct(wrapped, anomalous, t=20, steps=3, method="ddim")
+    assert counting.calls == [20, 10, 0]
+    counting.calls.clear()
+    reconstruct(wrapped, anomalous, t=20, steps=1)
+    assert counting.calls == [20]
+
+
+def test_one_step_reconstruction_is_the_x0_prediction(model, anomalous):
+    t = 15
+    result = reconstruct(model, anomalous, t=t, steps=1, seed=3)
+    diffusion = build_diffusion(model.preset)
+    x0 = to_diffusion_range(anomalous)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        x_t = diffusion.q_sample(x0, t, noise=noise)
+        predicted = diffusion.p_mean_variance(model.unet, x_t, t)["pred_xstart"]
+    assert torch.allclose(result, from_diffusion_range(predicted).clamp(0, 1), atol=1e-5)
+
+
+def test_reconstruct_errors(model, anomalous):
+    with pytest.raises(ValueError, match="t must be"):
+        reconstruct(model, anomalous, t=1000)
+    with pytest.raises(ValueError, match="steps"):
+        reconstruct(model, anomalous, t=5, steps=7)
+    with pytest.raises(ValueError, match="method"):
+        reconstruct(model, anomalous, t=5, method="euler")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        reconstruct(model, anomalous[0], t=5)
