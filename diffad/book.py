@@ -1,0 +1,114 @@
+"""What every chapter of the book shares: the preset switch, the data, a cache of trained models.
+
+A chapter starts with ``ctx = book.setup(PRESET)``. With ``"cpu"`` it uses the built-in
+dataset (written on first use) and the small preset; with ``"paper"`` it uses MVTec-AD under
+``DIFFAD_MVTEC`` (or ``./data/mvtec``, downloaded on Colab) and the paper's settings on the GPU.
+Models are trained once into the cache (``DIFFAD_CACHE``, default ``./cache``) and reused by
+every chapter; for the cpu preset, checkpoints shipped with diffad seed that cache, so reading
+the book does not retrain them (``python -m diffad train`` reproduces each one; see
+``diffad/resources/checkpoints/README.md``). Scored maps are cached the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffad.data import download_mvtec, list_categories, make_builtin_dataset
+from diffad.evaluate import CategoryData, score_category
+from diffad.presets import Preset, get_preset
+from diffad.scoring import RawMaps
+from diffad.train import MODEL_NAME, TrainedModel, fit, pick_device
+
+SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
+BUILTIN_IMAGE_SIZE = 256
+
+
+def on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+@dataclass
+class Context:
+    """A chapter's settings: preset, device, data root, categories, cache folder."""
+
+    preset: Preset
+    device: torch.device
+    data_root: Path
+    categories: list[str]
+    cache: Path
+
+    def __str__(self) -> str:
+        return (f"preset {self.preset.name!r} on {self.device}; data {self.data_root} "
+                f"({len(self.categories)} categories: {', '.join(self.categories)}); cache {self.cache}")
+
+
+def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None, **overrides) -> Context:
+    """The preset, device, data and cache a chapter runs with."""
+    preset = get_preset(preset, **overrides)
+    cache = Path(cache or os.environ.get("DIFFAD_CACHE", "cache")).resolve()
+    if data_root is None:
+        if preset.name == "paper":
+            data_root = Path(os.environ.get("DIFFAD_MVTEC", "data/mvtec"))
+            if not data_root.is_dir() or not list_categories(data_root):
+                if not on_colab():
+                    raise FileNotFoundError(
+                        f"MVTec-AD not found at {data_root}: set DIFFAD_MVTEC, or call "
+                        "diffad.data.download_mvtec(root) (about 5 GB)")
+                download_mvtec(data_root)
+        else:
+            data_root = make_builtin_dataset(cache / "builtin", seed=0, image_size=BUILTIN_IMAGE_SIZE)
+    data_root = Path(data_root)
+    return Context(preset, pick_device(device), data_root, list_categories(data_root), cache)
+
+
+def _run_name(preset: Preset, categories: list[str]) -> str:
+    return f"{preset.name}-{'+'.join(categories)}"
+
+
+def shipped_checkpoint(preset: Preset, categories: list[str]) -> Path | None:
+    """A checkpoint shipped with diffad for exactly this preset and categories, if any."""
+    path = SHIPPED / f"{_run_name(preset, categories)}.pt"
+    if not path.is_file():
+        return None
+    saved = TrainedModel.load(path)
+    return path if saved.preset == preset and saved.categories == categories else None
+
+
+def trained_model(ctx: Context, categories: str | list[str], progress: bool = True) -> TrainedModel:
+    """The model for one category (or a unified one for several): from the cache, shipped, or trained."""
+    categories = [categories] if isinstance(categories, str) else list(categories)
+    folder = ctx.cache / "models" / _run_name(ctx.preset, categories)
+    if not (folder / MODEL_NAME).is_file():
+        shipped = shipped_checkpoint(ctx.preset, categories)
+        if shipped is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shipped, folder / MODEL_NAME)
+    return fit(ctx.data_root, categories, folder, ctx.preset, device=ctx.device, progress=progress)
+
+
+def category_data(ctx: Context, category: str) -> CategoryData:
+    return CategoryData.load(ctx.data_root, category, ctx.preset)
+
+
+def settings_hash(preset: Preset) -> str:
+    """A short fingerprint of every preset field, to key cached results."""
+    return hashlib.sha1(repr(sorted(preset.to_dict().items())).encode()).hexdigest()[:10]
+
+
+def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0) -> tuple[RawMaps, RawMaps]:
+    """Raw test and validation maps of a category, computed once per model settings and cached."""
+    name = "+".join(model.categories)
+    path = ctx.cache / "scores" / f"{name}-{data.category}-{settings_hash(model.preset)}-{seed}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    result = score_category(model, data, seed=seed, device=ctx.device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(result, path)
+    return result

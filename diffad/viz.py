@@ -1,0 +1,221 @@
+"""Figures the chapters share: image grids, anomaly-map overlays (the paper's Fig. 4/6), curves."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+
+def to_numpy_image(image) -> np.ndarray:
+    """(3, H, W) or (H, W) tensor in [0, 1] -> (H, W, 3) or (H, W) numpy array for imshow."""
+    if torch.is_tensor(image):
+        image = image.detach().cpu().float().numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] in (1, 3):
+        image = np.moveaxis(image, 0, -1)
+        if image.shape[-1] == 1:
+            image = image[..., 0]
+    return np.clip(image, 0, 1) if image.ndim == 3 else image
+
+
+def _rescale(maps: np.ndarray) -> np.ndarray:
+    """Maps to [0, 1] with one scale for all of them (robust 1st-99.5th percentile)."""
+    lo, hi = np.percentile(maps, [1, 99.5])
+    return np.clip((maps - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def outline(ax, mask, color="lime") -> None:
+    """Draw the ground-truth defect outline on an axis."""
+    mask = mask.numpy() if torch.is_tensor(mask) else np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask[0]
+    if mask.any():
+        ax.contour(mask > 0.5, levels=[0.5], colors=color, linewidths=0.8)
+
+
+def image_grid(images, titles=None, masks=None, ncols=8, size=1.6):
+    """A grid of images, with defect outlines when masks are given."""
+    n = len(images)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(to_numpy_image(images[i]), cmap="gray", vmin=0, vmax=1)
+        if masks is not None:
+            outline(ax, masks[i])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def pick_examples(labels, defect_types=None, n: int = 4) -> list[int]:
+    """Indices of ``n`` defective images, one per defect type first."""
+    labels = np.asarray(labels)
+    defective = [i for i in range(len(labels)) if labels[i]]
+    if defect_types is None:
+        return defective[:n]
+    chosen, seen = [], set()
+    for i in defective:
+        if defect_types[i] not in seen:
+            chosen.append(i)
+            seen.add(defect_types[i])
+    chosen += [i for i in defective if i not in chosen]
+    return chosen[:n]
+
+
+def overlay_figure(data, maps: dict, n: int = 4, indices=None, pixel_key: str = "kl",
+                   feature_key: str = "feature", final_key: str = "ensemble"):
+    """The paper's Fig. 4/6: image, ground truth, pixel-level map, feature-level map, overlay.
+
+    ``data`` has ``test_images``, ``test_masks``, ``test_labels`` and ``defect_types``
+    (:class:`diffad.evaluate.CategoryData`); ``maps`` maps a name to (N, H, W) maps.
+    """
+    if indices is None:
+        indices = pick_examples(data.test_labels, data.defect_types, n)
+    columns = [("image", None), ("ground truth", None), ("pixel-level (KL)", pixel_key),
+               ("feature-level", feature_key), ("final, overlaid", final_key)]
+    scaled = {key: _rescale(maps[key].numpy() if torch.is_tensor(maps[key]) else maps[key])
+              for _, key in columns if key is not None}
+    fig, axes = plt.subplots(len(indices), len(columns), figsize=(2.0 * len(columns), 2.0 * len(indices)),
+                             squeeze=False)
+    for row, i in enumerate(indices):
+        image = to_numpy_image(data.test_images[i])
+        for col, (title, key) in enumerate(columns):
+            ax = axes[row, col]
+            ax.axis("off")
+            if row == 0:
+                ax.set_title(title, fontsize=8)
+            if title == "image":
+                ax.imshow(image)
+                ax.text(2, 8, data.defect_types[i], color="white", fontsize=7,
+                        bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
+            elif title == "ground truth":
+                ax.imshow(np.asarray(data.test_masks[i]), cmap="gray", vmin=0, vmax=1)
+            elif key == final_key:
+                ax.imshow(image)
+                ax.imshow(scaled[key][i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+                outline(ax, data.test_masks[i], color="white")
+            else:
+                ax.imshow(scaled[key][i], cmap="inferno", vmin=0, vmax=1)
+    fig.tight_layout()
+    return fig
+
+
+def metric_curves(x, series: dict, xlabel: str, ylabel: str = "score", title: str | None = None, ax=None):
+    """Lines of several metrics against one setting (alpha, timestep, ...)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 3.2))
+    for name, values in series.items():
+        ax.plot(x, values, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def image_table(rows, masks=None, row_labels=None, col_labels=None, size=1.5, cmap="gray", mask_color="lime"):
+    """A table of images: ``rows`` is a list of rows, each a list of images (None leaves a cell empty).
+
+    Images may be (3, H, W) / (H, W, 3) colour in [0, 1] or (H, W) maps in [0, 1] (drawn with
+    ``cmap``). ``masks``, with the same nesting, draws defect outlines; ``row_labels`` go on the
+    left, ``col_labels`` above the first row.
+    """
+    n_rows = len(rows)
+    n_cols = max((len(r) for r in rows), default=0)
+    if n_rows == 0 or n_cols == 0:
+        raise ValueError("image_table needs at least one row with one image")
+    if row_labels is not None and len(row_labels) != n_rows:
+        raise ValueError(f"{len(row_labels)} row labels for {n_rows} rows")
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns")
+    if masks is not None and (len(masks) != n_rows or any(len(m) != len(r) for m, r in zip(masks, rows))):
+        raise ValueError("masks must have the same nesting (rows x images) as rows")
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if r == 0 and col_labels is not None:
+                ax.set_title(col_labels[c], fontsize=8)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=8)
+            if c >= len(row) or row[c] is None:
+                continue
+            image = to_numpy_image(row[c])
+            # Small maps (feature grids) keep their cells visible.
+            smooth = "antialiased" if min(image.shape[:2]) >= 32 else "nearest"
+            ax.imshow(image, cmap=None if image.ndim == 3 else cmap, vmin=0, vmax=1, interpolation=smooth)
+            if masks is not None and masks[r][c] is not None:
+                outline(ax, masks[r][c], color=mask_color)
+    fig.tight_layout()
+    return fig
+
+
+def number_grid(ax, values, mask=None, fmt="{:g}", title=None, cmap="viridis"):
+    """A small score map drawn cell by cell with its numbers written in (for worked examples).
+
+    ``mask`` (same shape, nonzero = defect) is drawn as thick red cell borders.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2:
+        raise ValueError(f"number_grid draws a 2-D array, got shape {values.shape}")
+    ax.imshow(values, cmap=cmap)
+    low, high = values.min(), values.max()
+    for (y, x), v in np.ndenumerate(values):
+        bright = high > low and (v - low) / (high - low) > 0.6
+        ax.text(x, y, fmt.format(v), ha="center", va="center", fontsize=8, color="black" if bright else "white")
+    if mask is not None:
+        mask = np.asarray(mask) != 0
+        if mask.shape != values.shape:
+            raise ValueError(f"mask shape {mask.shape} differs from values shape {values.shape}")
+        for y, x in zip(*np.nonzero(mask)):
+            ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
+
+
+def pro_sweep_figure(masks, maps_by_name: dict, thresholds=(200, 1000), fpr_limit: float = 0.3, x_max=None):
+    """The exact PRO curve against the points a threshold sweep sees, one panel per score map.
+
+    ``maps_by_name`` maps a title (e.g. ``"scores"``, ``"exp(scores)"``) to (N, H, W) maps of the
+    same ``masks``. Sweep points beyond ``fpr_limit`` are drawn faint; the legend counts the
+    points each sweep keeps below the limit.
+    """
+    from diffad.metrics import pro_curve, threshold_sweep_curve
+
+    x_max = x_max if x_max is not None else min(1.0, 1.5 * fpr_limit)
+    fig, axes = plt.subplots(1, len(maps_by_name), figsize=(4.2 * len(maps_by_name), 3.4), squeeze=False)
+    markers = ["o", "x", "s", "^"]
+    for ax, (name, maps) in zip(axes[0], maps_by_name.items()):
+        fprs, pros = pro_curve(masks, maps)
+        ax.plot(fprs, pros, color="black", linewidth=1.5, label=f"exact ({len(fprs) - 2} thresholds)")
+        for marker, count in zip(markers, thresholds):
+            _, sweep_fprs, sweep_pros = threshold_sweep_curve(masks, maps, count)
+            kept = sweep_fprs <= fpr_limit
+            line = ax.plot(sweep_fprs[kept], sweep_pros[kept], marker, markersize=4, linestyle="none",
+                           label=f"{count} thresholds: {int(kept.sum())} kept")[0]
+            ax.plot(sweep_fprs[~kept], sweep_pros[~kept], marker, markersize=3, linestyle="none",
+                    color=line.get_color(), alpha=0.2)
+        ax.axvline(fpr_limit, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlim(0, x_max)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("per-region overlap")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,129 @@
+"""Scores: one UNet pass per timestep, maps for every alpha from one run, normalisation options."""
+
+import pytest
+import torch
+
+from diffad.data import MVTecAD
+from diffad.scoring import (
+    MAP_TYPES,
+    Normalizer,
+    RawMaps,
+    anomaly_maps,
+    image_scores,
+    normalized,
+    score_raw,
+    smooth,
+)
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_builtin, tiny_preset):
+    images, masks, labels = MVTecAD(tiny_builtin, "brick", "test", image_size=tiny_preset.image_size).stack()
+    return images[:6], masks[:6, 0], labels[:6]
+
+
+class CountingUNet(torch.nn.Module):
+    """Wraps a UNet and counts forward passes."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.unet(*args, **kwargs)
+
+
+def test_one_unet_pass_per_timestep_and_deterministic(tiny_model, test_images):
+    images = test_images[0]
+    counting = CountingUNet(tiny_model.unet)
+    model = type(tiny_model)(tiny_model.preset, tiny_model.categories, counting, tiny_model.feature_channels)
+    raw = score_raw(model, images, timesteps=(1, 4, 9), batch_size=4, seed=3)
+    assert counting.calls == 3 * 2  # 3 timesteps x 2 batches (6 images, batch 4)
+    for kind in MAP_TYPES:
+        assert raw.get(kind).shape == (6, 3, 32, 32)
+        assert torch.isfinite(raw.get(kind)).all()
+    assert (raw.kl >= -1e-6).all() and (raw.rgb >= 0).all() and (raw.feature >= 0).all()
+    # Same seed, other batch size: same maps (noise is tied to the image, not the batch).
+    again = score_raw(model, images, timesteps=(1, 4, 9), batch_size=6, seed=3)
+    assert torch.allclose(raw.kl, again.kl, atol=1e-5) and torch.allclose(raw.feature, again.feature, atol=1e-5)
+    other = score_raw(model, images, timesteps=(1, 4, 9), batch_size=6, seed=4)
+    assert not torch.allclose(raw.kl, other.kl)
+
+
+def test_authors_timestep_mode_spends_a_second_pass(tiny_model, test_images):
+    counting = CountingUNet(tiny_model.unet)
+    model = type(tiny_model)(tiny_model.preset.replace(timestep_respacing="250"), tiny_model.categories, counting,
+                             tiny_model.feature_channels)
+    consistent = score_raw(model, test_images[0][:2], timesteps=(5,), timestep_mode="consistent")
+    assert counting.calls == 1
+    authors = score_raw(model, test_images[0][:2], timesteps=(5,), timestep_mode="authors")
+    assert counting.calls == 3
+    # Same noise and KL branch; the feature branch saw another timestep embedding.
+    assert torch.allclose(consistent.kl, authors.kl, atol=1e-5)
+    assert not torch.allclose(consistent.feature, authors.feature)
+
+
+def _raw(n=4, k=2, h=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return RawMaps(tuple(range(k)), *(torch.rand(n, k, h, h, generator=g) for _ in MAP_TYPES))
+
+
+def test_ensemble_is_the_weighted_sum_for_any_alpha():
+    raw = _raw()
+    for alpha in (0.0, 0.3, 1.0):
+        maps = anomaly_maps(raw, alpha=alpha, normalization="per_image")
+        assert torch.allclose(maps["ensemble"], alpha * maps["kl"] + (1 - alpha) * maps["feature"])
+    assert torch.allclose(anomaly_maps(raw, 1.0)["ensemble"], anomaly_maps(raw, 1.0)["kl"])
+
+
+def test_normalizations():
+    raw = _raw()
+    per_image = normalized(raw, "kl", "per_image")
+    # Per image and timestep z-scores average to zero mean per image.
+    assert per_image.mean(dim=(1, 2)).abs().max() < 1e-5
+    assert torch.equal(normalized(raw, "feature", "per_image"), raw.feature.mean(dim=1))  # the paper: raw
+    val = _raw(seed=1)
+    norm = Normalizer.fit(val)
+    z = normalized(raw, "feature", "validation", norm)
+    expected = ((raw.feature - val.feature.mean(dim=(0, 2, 3))[None, :, None, None])
+                / val.feature.std(dim=(0, 2, 3))[None, :, None, None]).mean(dim=1)
+    assert torch.allclose(z, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a Normalizer"):
+        normalized(raw, "kl", "validation")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        normalized(raw, "kl", "global")
+    with pytest.raises(ValueError, match="alpha must be in"):
+        anomaly_maps(raw, alpha=1.5)
+
+
+def test_smoothing_preserves_constants_and_spreads_a_spike():
+    flat = torch.full((1, 16, 16), 3.0)
+    assert torch.allclose(smooth(flat, 2.0), flat)
+    spike = torch.zeros(1, 17, 17)
+    spike[0, 8, 8] = 1.0
+    blurred = smooth(spike, 1.5)
+    assert blurred.sum() == pytest.approx(1.0, abs=1e-4)
+    assert blurred[0, 8, 8] < 0.2 and blurred[0, 8, 10] > 0
+    assert torch.equal(smooth(spike, 0.0), spike)
+
+
+def test_image_score_is_top_k_mean_scaled_with_area():
+    maps = torch.zeros(2, 256, 256)
+    maps[0].view(-1)[:64] = 1.0
+    maps[1].view(-1)[:32] = 1.0
+    assert image_scores(maps, 64).tolist() == [1.0, 0.5]
+    small = torch.zeros(1, 64, 64)
+    small.view(-1)[:4] = 2.0  # k = 64 * (64*64)/(256*256) = 4
+    assert image_scores(small, 64).item() == 2.0
+
+
+def test_bad_inputs_are_named(tiny_model, test_images):
+    with pytest.raises(ValueError, match="trained at 32x32"):
+        score_raw(tiny_model, torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        score_raw(tiny_model, torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        score_raw(tiny_model, torch.rand(1, 3, 32, 32) * 2 - 1)
+    with pytest.raises(ValueError, match="test timesteps"):
+        score_raw(tiny_model, test_images[0][:1], timesteps=(5000,))
