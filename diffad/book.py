@@ -22,7 +22,7 @@ import torch
 
 from diffad.data import download_mvtec, list_categories, make_builtin_dataset
 from diffad.evaluate import CategoryData, score_category
-from diffad.presets import Preset, get_preset
+from diffad.presets import Preset, get_preset, training_differences
 from diffad.scoring import RawMaps
 from diffad.train import MODEL_NAME, TrainedModel, fit, pick_device
 
@@ -78,7 +78,8 @@ def shipped_checkpoint(preset: Preset, categories: list[str]) -> Path | None:
     if not path.is_file():
         return None
     saved = TrainedModel.load(path)
-    return path if saved.preset == preset and saved.categories == categories else None
+    same = not training_differences(saved.preset, preset) and saved.categories == categories
+    return path if same else None
 
 
 def trained_model(ctx: Context, categories: str | list[str], progress: bool = True) -> TrainedModel:

@@ -194,9 +194,11 @@ def table1_markdown(rows: list[dict], paper: dict | None = None) -> str:
 
 def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list[str] | None = None,
               baselines: bool = True, figures: bool = True, device=None, progress: bool = True,
-              **overrides) -> list[dict]:
+              model_loader=None, **overrides) -> list[dict]:
     """Train (or load) and evaluate every category under ``data_root``; write the results.
 
+    Models train into ``<out>/<category>/model`` unless ``model_loader(category)`` supplies them
+    (the book passes its cache of trained models).
     Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc), ``<out>/table1.md``,
     ``<out>/<category>/maps.npz`` (per-image maps of every method) and ``<out>/<category>/overlays.png``.
     """
@@ -215,9 +217,13 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
         if done.is_file():
             all_rows += json.loads(done.read_text())
             continue
-        model = fit(data_root, category, folder / "model", preset, device=device, progress=progress)
+        if model_loader is not None:
+            model = model_loader(category)
+        else:
+            model = fit(data_root, category, folder / "model", preset, device=device, progress=progress)
         result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
                                    device=device, progress=progress)
+        folder.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(folder / "maps.npz", **{k: v.numpy().astype(np.float32) for k, v in result.maps.items()},
                             labels=result.extra["data"].test_labels.numpy(),
                             masks=result.extra["data"].test_masks.numpy().astype(np.uint8))
@@ -236,3 +242,33 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     write_results_csv(all_rows, out_dir / "results.csv")
     (out_dir / "table1.md").write_text(table1_markdown(all_rows))
     return all_rows
+
+
+def select_timesteps(raw: RawMaps, timesteps: tuple[int, ...]) -> RawMaps:
+    """The maps of a subset of the scored timesteps (no new UNet pass)."""
+    missing = [t for t in timesteps if t not in raw.timesteps]
+    if missing:
+        raise ValueError(f"timesteps {missing} were not scored; scored: {list(raw.timesteps)}")
+    index = [raw.timesteps.index(t) for t in timesteps]
+    return RawMaps(tuple(timesteps), raw.kl[:, index], raw.rgb[:, index], raw.feature[:, index])
+
+
+def settings_sweep(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset,
+                   methods: tuple[str, ...] = ("ensemble", "kl", "rgb", "feature"), **grid) -> list[dict]:
+    """Metrics for every combination of the settings in ``grid``, from one scoring run.
+
+    ``grid`` maps a scoring field (``alpha``, ``normalization``, ``smoothing_sigma``,
+    ``test_timesteps``) to the values to try; each row holds the settings and the metrics.
+    """
+    import itertools
+
+    names = list(grid)
+    rows = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        settings = dict(zip(names, values))
+        p = preset.replace(**settings)
+        timesteps = tuple(p.test_timesteps)
+        test, val = select_timesteps(raw_test, timesteps), select_timesteps(raw_val, timesteps)
+        metric_rows, _, _ = diffusion_rows(data, test, val, p)
+        rows += [{**settings, **r} for r in metric_rows if r["method"] in methods]
+    return rows

@@ -95,6 +95,20 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Preset)]
 
 
+# Fields that only change how a trained model is scored (or how often it is saved): a model
+# trained under one value serves them all, so they never force retraining.
+SCORING_FIELDS = frozenset({
+    "name", "checkpoint_every", "timestep_respacing", "test_timesteps", "timestep_mode", "alpha",
+    "normalization", "smoothing_sigma", "top_k", "score_batch_size",
+})
+
+
+def training_differences(a: Preset, b: Preset) -> list[str]:
+    """Names of the fields that differ between two presets and change what training produces."""
+    da, db = a.to_dict(), b.to_dict()
+    return [k for k in da if k not in SCORING_FIELDS and da[k] != db[k]]
+
+
 PAPER = Preset(
     name="paper",
     image_size=256,
@@ -127,9 +141,9 @@ CPU = Preset(
     backbone_input_size=128,
     standardize_features=True,
     batch_size=16,
-    train_steps=300,
+    train_steps=200,
     lr=1e-3,
-    lr_anneal_steps=300,
+    lr_anneal_steps=200,
     ema_rate=0.99,
     grad_clip=1.0,
     max_train_timestep=300,

@@ -30,7 +30,7 @@ from diffad.backbones import FeatureExtractor
 from diffad.data import MVTecAD, to_diffusion_range
 from diffad.diffusion import GaussianDiffusion
 from diffad.models import create_unet, load_guided_diffusion_checkpoint
-from diffad.presets import Preset, get_preset
+from diffad.presets import Preset, get_preset, training_differences
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -100,13 +100,16 @@ class TrainedModel:
             raise ValueError(f"this model was trained on {self.categories}, not on {category!r}")
         return self.categories.index(category)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the EMA weights and settings (atomically)."""
+    def save(self, path: str | Path, half: bool = False) -> Path:
+        """Write the EMA weights and settings (atomically); ``half`` stores the weights as float16."""
+        weights = self.unet.state_dict()
+        if half:
+            weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
         state = {
             "preset": self.preset.to_dict(),
             "categories": self.categories,
             "feature_channels": self.feature_channels,
-            "unet": self.unet.state_dict(),
+            "unet": weights,
             "history": self.history,
             "feature_stats": self.feature_stats,
         }
@@ -254,6 +257,7 @@ def fit(
     if model_path.is_file():
         trained = TrainedModel.load(model_path, device)
         _check_same_run(trained.preset, trained.categories, preset, categories, model_path)
+        trained.preset = preset  # same training; the scoring settings asked for now
         return trained
 
     torch.manual_seed(preset.seed)
@@ -343,9 +347,8 @@ def fit(
 
 
 def _check_same_run(saved: Preset, saved_categories, preset: Preset, categories, path: Path) -> None:
-    """Refuse to resume or reuse a run made with other settings: say which differ."""
-    a, b = saved.to_dict(), preset.to_dict()
-    differ = [k for k in a if k != "name" and a[k] != b.get(k)]
+    """Refuse to resume or reuse a run trained with other settings: say which differ."""
+    differ = training_differences(saved, preset)
     if list(saved_categories) != list(categories) or differ:
         raise ValueError(
             f"{path} was made with other settings (categories {list(saved_categories)} vs {list(categories)}; "

@@ -34,6 +34,12 @@ def test_finished_model_is_loaded_not_retrained(tiny_builtin, tiny_preset, tmp_p
     assert _same_weights(first.unet, again.unet)
     loaded = TrainedModel.load(tmp_path / MODEL_NAME)
     assert loaded.categories == ["brick"] and loaded.preset == tiny_preset
+    # Scoring settings do not touch training: the same model serves them, with the new settings.
+    rescored = fit(tiny_builtin, "brick", tmp_path, tiny_preset.replace(alpha=0.2, test_timesteps=(1,)), progress=False)
+    assert _same_weights(first.unet, rescored.unet) and rescored.preset.alpha == 0.2
+    half = TrainedModel.load(loaded.save(tmp_path / "half.pt", half=True))
+    assert all(torch.allclose(a, b, atol=1e-2) for a, b in zip(half.unet.state_dict().values(),
+                                                               first.unet.state_dict().values()))
 
 
 def test_other_settings_in_the_same_folder_are_refused(tiny_builtin, tiny_preset, tmp_path):
