@@ -93,11 +93,14 @@ def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, pres
                    alpha: float | None = None) -> tuple[list[dict], dict, dict]:
     """Metrics of the ensemble, KL, RGB and feature maps with the preset's settings (alpha may be given)."""
     normalizer = Normalizer.fit(raw_val, preset.smoothing_sigma)
-    maps = anomaly_maps(raw_test, preset.alpha if alpha is None else alpha, preset.normalization, normalizer,
-                        preset.smoothing_sigma)
+    alpha = preset.alpha if alpha is None else alpha
+    maps = anomaly_maps(raw_test, alpha, preset.normalization, normalizer, preset.smoothing_sigma)
+    image_maps = maps
+    if preset.image_normalization not in (None, preset.normalization):
+        image_maps = anomaly_maps(raw_test, alpha, preset.image_normalization, normalizer, preset.smoothing_sigma)
     rows, scores = [], {}
     for method in ("ensemble", "kl", "rgb", "feature"):
-        scores[method] = image_scores(maps[method], preset.top_k)
+        scores[method] = image_scores(image_maps[method], preset.top_k)
         rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method]))
     return rows, maps, scores
 

@@ -30,6 +30,7 @@ __all__ = [
     "pro",
     "pro_curve",
     "pro_threshold_sweep",
+    "threshold_sweep_curve",
     "trapezoid",
     "label_regions",
 ]
@@ -124,19 +125,24 @@ def _region_labels(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, sizes
 
 
+def _pro_inputs(masks, maps) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat scores, flat global region ids and region sizes; errors where PRO is undefined."""
+    masks, maps = _prepare_maps(masks, maps)
+    labels, sizes = _region_labels(masks)
+    if len(sizes) == 1:
+        raise ValueError("PRO is undefined: the masks contain no defect pixel")
+    if sizes[0] == 0:
+        raise ValueError("PRO is undefined: the masks contain no normal pixel")
+    return maps.ravel(), labels.ravel(), sizes
+
+
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """The whole exact PRO curve: false-positive rates and per-region overlaps, (0, 0) to (1, 1).
 
     One point per distinct score (ties merged), as the official MVTec evaluation computes it.
     """
-    masks, maps = _prepare_maps(masks, maps)
-    labels, sizes = _region_labels(masks)
+    scores, labels, sizes = _pro_inputs(masks, maps)
     n_regions, n_normal = len(sizes) - 1, int(sizes[0])
-    if n_regions == 0:
-        raise ValueError("PRO is undefined: the masks contain no defect pixel")
-    if n_normal == 0:
-        raise ValueError("PRO is undefined: the masks contain no normal pixel")
-    scores, labels = maps.ravel(), labels.ravel()
     order = np.argsort(scores)[::-1]  # ties need no order: they are merged below
     scores, labels = scores[order], labels[order]
     inv_sizes = np.zeros(len(sizes), dtype=np.float64)
@@ -182,14 +188,8 @@ def pro(masks, maps, fpr_limit: float = 0.3) -> float:
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1]; got {fpr_limit}")
-    masks, maps = _prepare_maps(masks, maps)
-    labels, sizes = _region_labels(masks)
+    scores, labels, sizes = _pro_inputs(masks, maps)
     n_regions, n_normal = len(sizes) - 1, int(sizes[0])
-    if n_regions == 0:
-        raise ValueError("PRO is undefined: the masks contain no defect pixel")
-    if n_normal == 0:
-        raise ValueError("PRO is undefined: the masks contain no normal pixel")
-    scores, labels = maps.ravel(), labels.ravel()
 
     # Normal scores at or above the first threshold past the limit, as (value, count), descending.
     normal = scores[labels == 0]
@@ -223,27 +223,40 @@ def pro(masks, maps, fpr_limit: float = 0.3) -> float:
     return float(min(area / fpr_limit, 1.0))
 
 
-def pro_threshold_sweep(masks, maps, fpr_limit: float = 0.3, num_thresholds: int = 200) -> float:
-    """The widely copied approximate PRO, kept here only to show its flaws.
+def threshold_sweep_curve(masks, maps, num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points the approximate PRO sees: (thresholds, FPRs, PROs) at evenly spaced thresholds.
 
-    It sweeps ``num_thresholds`` evenly spaced thresholds between the smallest and largest score,
-    keeps the points with FPR <= limit, rescales their FPRs to [0, 1] by the largest one kept,
-    and integrates. Evenly spaced thresholds miss most of the curve when scores are skewed, and
-    the rescaling changes the result under monotone transforms of the scores.
+    ``num_thresholds`` thresholds from the smallest to the largest score; a pixel counts as
+    positive when its score is strictly above the threshold. Every point lies on the exact
+    curve of :func:`pro_curve`; what the sweep gets wrong is how few of them fall at low FPR
+    when the scores are skewed.
     """
+    if isinstance(num_thresholds, bool) or not isinstance(num_thresholds, (int, np.integer)) or num_thresholds < 2:
+        raise ValueError(f"num_thresholds must be an int >= 2, got {num_thresholds!r}")
     masks, maps = _prepare_maps(masks, maps)
     labels, sizes = _region_labels(masks)
     if len(sizes) == 1 or sizes[0] == 0:
         raise ValueError("PRO is undefined without both defect and normal pixels")
-    labels = labels.ravel()
-    thresholds = np.linspace(maps.min(), maps.max(), num_thresholds)
+    labels, scores = labels.ravel(), maps.ravel()
+    thresholds = np.linspace(scores.min(), scores.max(), int(num_thresholds))
     fprs, pros = [], []
     for th in thresholds:
-        above = maps.ravel() > th
-        hits = np.bincount(labels, weights=above, minlength=len(sizes))
+        hits = np.bincount(labels, weights=scores > th, minlength=len(sizes))
         fprs.append(hits[0] / sizes[0])
         pros.append(float(np.mean(hits[1:] / sizes[1:])))
-    fprs, pros = np.array(fprs), np.array(pros)
+    return thresholds, np.array(fprs), np.array(pros)
+
+
+def pro_threshold_sweep(masks, maps, fpr_limit: float = 0.3, num_thresholds: int = 200) -> float:
+    """The widely copied approximate PRO, kept here only to show its flaws.
+
+    It sweeps ``num_thresholds`` evenly spaced thresholds between the smallest and largest score
+    (:func:`threshold_sweep_curve`), keeps the points with FPR <= limit, rescales their FPRs to
+    [0, 1] by the largest one kept, and integrates. Evenly spaced thresholds miss most of the
+    curve when scores are skewed, and the rescaling changes the result under monotone
+    transforms of the scores.
+    """
+    _, fprs, pros = threshold_sweep_curve(masks, maps, num_thresholds)
     keep = fprs <= fpr_limit
     fprs, pros = fprs[keep], pros[keep]
     if len(fprs) < 2 or fprs.max() == 0:

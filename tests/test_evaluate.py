@@ -80,3 +80,32 @@ def test_cli_train_and_evaluate(tiny_builtin, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "brick" in out and "PRO" in out
     assert (tmp_path / "results.csv").is_file()
+
+
+def test_image_score_can_read_validation_normalised_maps(tiny_preset):
+    import torch
+
+    from diffad.evaluate import CategoryData, diffusion_rows
+    from diffad.scoring import MAP_TYPES, Normalizer, RawMaps, anomaly_maps, image_scores
+
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    masks = torch.zeros(n, 16, 16)
+    masks[3:, 4:8, 4:8] = 1
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def raw(k=2):
+        maps = [torch.rand(n, k, 16, 16, generator=g) + 2 * masks[:, None] for _ in MAP_TYPES]
+        maps[0][1] += 5.0  # one normal image is globally elevated
+        return RawMaps((1, 2), *maps)
+
+    data = CategoryData("x", torch.zeros(0), torch.zeros(0), torch.zeros(n, 3, 16, 16), masks, labels, ["g"] * n)
+    test, val = raw(), RawMaps((1, 2), *(torch.rand(4, 2, 16, 16, generator=g) for _ in MAP_TYPES))
+    preset = tiny_preset.replace(normalization="per_image", image_normalization="validation", smoothing_sigma=0.0)
+    _, maps, scores = diffusion_rows(data, test, val, preset)
+    expected_maps = anomaly_maps(test, preset.alpha, "per_image")
+    assert torch.allclose(maps["ensemble"], expected_maps["ensemble"])  # pixel maps: per image
+    val_maps = anomaly_maps(test, preset.alpha, "validation", Normalizer.fit(val))
+    assert torch.allclose(scores["kl"], image_scores(val_maps["kl"], preset.top_k))  # image score: validation
+    same = diffusion_rows(data, test, val, preset.replace(image_normalization=None))[2]
+    assert torch.allclose(same["kl"], image_scores(expected_maps["kl"], preset.top_k))

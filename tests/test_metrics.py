@@ -5,7 +5,15 @@ import pytest
 import torch
 from scipy import ndimage
 
-from diffad.metrics import image_auroc, pixel_auroc, pro, pro_curve, pro_threshold_sweep, trapezoid
+from diffad.metrics import (
+    image_auroc,
+    pixel_auroc,
+    pro,
+    pro_curve,
+    pro_threshold_sweep,
+    threshold_sweep_curve,
+    trapezoid,
+)
 
 
 def brute_force_pro(masks, maps, fpr_limit=0.3):
@@ -177,3 +185,30 @@ def test_many_large_maps_fit_in_memory():
     maps[masks != 0] += 0.5
     value = pro(masks, maps)
     assert 0.0 < value <= 1.0
+
+
+def test_threshold_sweep_curve_by_hand():
+    masks = np.array([[[0, 1, 1, 0]]], bool)  # one region of two pixels, two normal pixels
+    maps = np.array([[[0.0, 1.0, 2.0, 3.0]]])
+    thresholds, fprs, pros = threshold_sweep_curve(masks, maps, num_thresholds=4)
+    np.testing.assert_allclose(thresholds, [0, 1, 2, 3])
+    np.testing.assert_allclose(fprs, [0.5, 0.5, 0.5, 0.0])  # strictly above the threshold
+    np.testing.assert_allclose(pros, [1.0, 0.5, 0.0, 0.0])
+
+
+def test_threshold_sweep_points_lie_on_the_exact_curve():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((2, 16, 16), bool)
+    masks[0, 3:7, 3:9] = True
+    masks[1, 10:14, 1:3] = True
+    maps = np.exp(4 * (rng.random(masks.shape) + 0.5 * masks))
+    exact = np.stack(pro_curve(masks, maps), axis=1)
+    _, fprs, pros = threshold_sweep_curve(masks, maps, num_thresholds=50)
+    for point in zip(fprs, pros):
+        assert np.isclose(exact, point, atol=1e-12).all(axis=1).any()
+
+
+def test_threshold_sweep_curve_rejects_too_few_thresholds():
+    masks = np.array([[[0, 1]]], bool)
+    with pytest.raises(ValueError, match="num_thresholds"):
+        threshold_sweep_curve(masks, np.array([[[0.0, 1.0]]]), num_thresholds=1)
