@@ -32,7 +32,7 @@ import torch
 from diffad.baselines.padim import PaDiM
 from diffad.data import from_diffusion_range, to_diffusion_range
 from diffad.diffusion import GaussianDiffusion, respace_betas
-from diffad.train import TrainedModel, build_diffusion
+from diffad.train import TrainedModel, build_diffusion, check_images
 
 RECONSTRUCTION_METHODS = ("ddpm", "ddim")
 
@@ -57,20 +57,6 @@ class Trajectory:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def _check_images(model: TrainedModel, image) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"image must be a float tensor (N, 3, H, W) in [0, 1], got {shape}")
-    if not image.is_floating_point():
-        raise ValueError(f"image must be floating point in [0, 1], got dtype {image.dtype}")
-    size = model.preset.image_size
-    if tuple(image.shape[-2:]) != (size, size):
-        raise ValueError(f"image is {tuple(image.shape[-2:])} but the model was trained at {size}x{size}")
-    if float(image.min()) < -1e-4 or float(image.max()) > 1 + 1e-4:
-        raise ValueError("image must lie in [0, 1] (diffad.data returns images so)")
-    return image.float()
 
 
 def _model_kwargs(model: TrainedModel, category: str | None, batch: int, device) -> dict | None:
@@ -132,7 +118,7 @@ def gradient_denoise(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if not 0.0 < step_size < 1.0:
         raise ValueError(f"step_size must lie in (0, 1), got {step_size}")
-    image = _check_images(model, image)
+    image = check_images(image, model.preset.image_size)
     if not padim.is_fitted:
         raise ValueError("padim is not fitted: call padim.fit(normal_training_images) first")
     if padim.image_size != tuple(image.shape[-2:]):
@@ -205,7 +191,7 @@ def reconstruct(
     """
     if method not in RECONSTRUCTION_METHODS:
         raise ValueError(f"method must be one of {RECONSTRUCTION_METHODS}, got {method!r}")
-    image = _check_images(model, image)
+    image = check_images(image, model.preset.image_size)
     base = build_diffusion(model.preset)
     if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < base.num_timesteps:
         raise ValueError(f"t must be an int in [0, {base.num_timesteps}), got {t!r}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffad.data import to_diffusion_range
-from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, pick_device
+from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, check_images, pick_device
 
 MAP_TYPES = ("kl", "rgb", "feature")
 NORMALIZATIONS = ("per_image", "validation", "none")
@@ -53,20 +53,6 @@ class RawMaps:
         if kind not in MAP_TYPES:
             raise ValueError(f"unknown map type {kind!r}; choose from {MAP_TYPES}")
         return getattr(self, kind)
-
-
-def _check_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (N, 3, H, W) in [0, 1]; got {shape}")
-    if images.shape[-2:] != (image_size, image_size):
-        raise ValueError(
-            f"images are {tuple(images.shape[-2:])} but the model was trained at {image_size}x{image_size}; "
-            f"load the dataset with image_size={image_size}"
-        )
-    if images.min() < -1e-6 or images.max() > 1 + 1e-6:
-        raise ValueError("images must be in [0, 1] (diffad.data returns them so; the scorer maps them to [-1, 1])")
-    return images.float()
 
 
 def _noise_for(index: int, seed: int, shape, k: int) -> torch.Tensor:
@@ -94,7 +80,7 @@ def score_raw(
     mode = timestep_mode or preset.timestep_mode
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {mode!r}")
-    images = _check_images(images, preset.image_size)
+    images = check_images(images, preset.image_size)
     diffusion = build_diffusion(preset, preset.timestep_respacing)
     bad = [t for t in timesteps if not 0 <= t < diffusion.num_timesteps]
     if bad or not timesteps:

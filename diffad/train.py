@@ -43,6 +43,23 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Images a trained model can take: a float tensor (N, 3, size, size) in [0, 1]; else a clear error."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a float tensor (N, 3, H, W) in [0, 1]; got {shape}")
+    if images.shape[-2:] != (image_size, image_size):
+        raise ValueError(
+            f"images are {tuple(images.shape[-2:])} but the model was trained at {image_size}x{image_size}; "
+            f"load the dataset with image_size={image_size}"
+        )
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+    if images.min() < -1e-6 or images.max() > 1 + 1e-6:
+        raise ValueError("images must be in [0, 1] (diffad.data returns them so; diffad maps them to [-1, 1] itself)")
+    return images.float()
+
+
 def build_diffusion(preset: Preset, respacing: str = "") -> GaussianDiffusion:
     """The Gaussian diffusion of a preset; ``respacing`` e.g. "250" for the scoring schedule."""
     return GaussianDiffusion.from_config(
