@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffad.data import MVTecAD, list_categories
+from diffad.data import MVTecAD, is_builtin, list_categories
 from diffad.metrics import image_auroc, pixel_auroc, pro
 from diffad.presets import Preset, get_preset
 from diffad.scoring import Normalizer, RawMaps, anomaly_maps, image_scores, score_raw
@@ -153,13 +153,16 @@ def read_paper_table1(path: str | Path = PAPER_TABLE1) -> dict[str, dict[str, fl
         return {r["category"]: {k: float(v) for k, v in r.items() if k != "category"} for r in csv.DictReader(handle)}
 
 
-def table1_markdown(rows: list[dict], paper: dict | None = None) -> str:
+def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = True) -> str:
     """Our (pixel AUROC, PRO) per method beside the paper's Table 1, for MVTec categories.
 
     SPADE and PaDiM appear twice: as the paper quotes them and as run by us; CFlow, DRAEM and
-    UniAD only as quoted. Categories outside MVTec-AD (the built-in data) get our columns only.
+    UniAD only as quoted. With ``mvtec=False`` (the built-in data, whose ``capsule`` is not
+    MVTec's) or for categories outside MVTec-AD, only our columns are filled.
     """
     paper = read_paper_table1() if paper is None else paper
+    if not mvtec:
+        paper = {}
     ours: dict[str, dict[str, dict]] = {}
     for r in rows:
         ours.setdefault(r["category"], {})[r["method"]] = r
@@ -243,7 +246,8 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
         tmp.replace(done)
         all_rows += result.rows
     write_results_csv(all_rows, out_dir / "results.csv")
-    (out_dir / "table1.md").write_text(table1_markdown(all_rows))
+    mvtec = not any(is_builtin(data_root, c) for c in categories)
+    (out_dir / "table1.md").write_text(table1_markdown(all_rows, mvtec=mvtec))
     return all_rows
 
 
@@ -275,3 +279,90 @@ def settings_sweep(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, pres
         metric_rows, _, _ = diffusion_rows(data, test, val, p)
         rows += [{**settings, **r} for r in metric_rows if r["method"] in methods]
     return rows
+
+
+# --------------------------------------------------------------------------- result tables
+
+METRIC_LABELS = {"pixel_auroc": "pixel AUROC", "pro": "PRO", "image_auroc": "image AUROC"}
+
+
+def method_averages(rows: list[dict], metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> dict[str, dict[str, float]]:
+    """Each method's metrics averaged over the categories it was run on: method -> metric -> mean."""
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["method"], []).append(row)
+    return {method: {m: float(np.mean([r[m] for r in group])) for m in metrics} for method, group in grouped.items()}
+
+
+def results_markdown(rows: list[dict], methods: tuple[str, ...] | None = None,
+                     metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> str:
+    """Every method's metrics per category and on average, as a markdown table (percent).
+
+    One column per method; each cell is ``pixel AUROC / PRO / image AUROC`` (the ``metrics``
+    asked for, in that order). Methods default to those present in ``rows``, in first-seen order.
+    """
+    if not rows:
+        raise ValueError("no result rows to tabulate")
+    unknown = [m for m in metrics if m not in METRIC_LABELS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_LABELS)}")
+    table: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        table.setdefault(row["category"], {})[row["method"]] = row
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    methods = present if methods is None else list(methods)
+    missing = [m for m in methods if m not in present]
+    if missing:
+        raise ValueError(f"method(s) {missing} not in the rows; present: {present}")
+
+    def cell(values: dict | None) -> str:
+        return " / ".join(f"{100 * values[m]:.1f}" for m in metrics) if values else "–"
+
+    lines = ["| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for category, by_method in table.items():
+        lines.append(f"| {category} | " + " | ".join(cell(by_method.get(m)) for m in methods) + " |")
+    if len(table) > 1:
+        averages = method_averages([r for r in rows if r["method"] in methods], metrics)
+        lines.append("| **average** | " + " | ".join(cell(averages.get(m)) for m in methods) + " |")
+    lines += ["", f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent, computed by diffad."]
+    return "\n".join(lines)
+
+
+def paper_table1_markdown(paper: dict | None = None) -> str:
+    """The paper's Table 1 as it is published: (pixel AUROC, PRO) per method and category, quoted."""
+    paper = read_paper_table1() if paper is None else paper
+    columns = [("SPADE", "spade"), ("PaDiM", "padim"), ("CFlow", "cflow"), ("DRAEM", "draem"),
+               ("UniAD", "uniad"), ("Ours", "ours"), ("Ours*", "ours_star")]
+    lines = ["| category | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for category, values in paper.items():
+        cells = [f"({values[f'{k}_pixel_auroc']:.1f}, {values[f'{k}_pro']:.1f})" for _, k in columns]
+        label = f"**{category}**" if category == "average" else category
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "(pixel AUROC, PRO) in percent, quoted from Lu et al. (ICCV 2023), Table 1; "
+              "Ours* uses per-category settings the paper does not publish."]
+    return "\n".join(lines)
+
+
+def paper_pattern(rows: list[dict], method: str = "ensemble", rival: str = "padim",
+                  paper: dict | None = None, paper_method: str = "ours") -> list[dict]:
+    """Does our data show the paper's pattern between two methods? One dict per metric.
+
+    Compares the averages of ``method`` and ``rival`` in ``rows`` with the paper's Table 1
+    averages of ``paper_method`` and ``rival`` (pixel AUROC and PRO, in percent): who is ahead
+    in the paper, who is ahead here, and whether the two agree.
+    """
+    paper = read_paper_table1() if paper is None else paper
+    ours = method_averages(rows, ("pixel_auroc", "pro"))
+    for name in (method, rival):
+        if name not in ours:
+            raise ValueError(f"method {name!r} not in the rows; present: {sorted(ours)}")
+    result = []
+    for metric in ("pixel_auroc", "pro"):
+        p_method, p_rival = paper["average"][f"{paper_method}_{metric}"], paper["average"][f"{rival}_{metric}"]
+        o_method, o_rival = 100 * ours[method][metric], 100 * ours[rival][metric]
+        paper_leader = method if p_method > p_rival else rival
+        our_leader = method if o_method > o_rival else rival
+        result.append({"metric": metric, "paper": {method: p_method, rival: p_rival}, "paper_leader": paper_leader,
+                       "ours": {method: o_method, rival: o_rival}, "our_leader": our_leader,
+                       "agrees": paper_leader == our_leader})
+    return result

@@ -38,6 +38,7 @@ def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
         (c, m) for c in ("brick", "nut") for m in ("ensemble", "kl", "rgb", "feature", "spade", "padim")}
     assert (tmp_path / "brick" / "maps.npz").is_file() and (tmp_path / "nut" / "overlays.png").is_file()
     assert "| brick |" in (tmp_path / "table1.md").read_text()
+    assert "CFlow" not in (tmp_path / "table1.md").read_text()  # built-in data: no quoted columns
     # A finished category is not redone: its recorded metrics are reused as they are.
     done = tmp_path / "nut" / "metrics.json"
     recorded = json.loads(done.read_text())
@@ -62,6 +63,8 @@ def test_table1_puts_paper_numbers_beside_ours():
     assert "(98.4, 95.5)" in table  # SPADE on bottle, quoted
     assert "(90.0, 80.0)" in table  # ours
     assert "quoted from the paper" in table
+    # The built-in data shares no images with MVTec-AD, whatever its folder names.
+    assert "(98.4, 95.5)" not in table1_markdown(rows, mvtec=False)
 
 
 def test_cli_reports_clear_errors(tmp_path, capsys):
@@ -109,3 +112,54 @@ def test_image_score_can_read_validation_normalised_maps(tiny_preset):
     assert torch.allclose(scores["kl"], image_scores(val_maps["kl"], preset.top_k))  # image score: validation
     same = diffusion_rows(data, test, val, preset.replace(image_normalization=None))[2]
     assert torch.allclose(same["kl"], image_scores(expected_maps["kl"], preset.top_k))
+
+
+# ----------------------------------------------------------------- result tables (chapter 10)
+
+def _rows(values: dict) -> list[dict]:
+    """Result rows from {(category, method): (pixel_auroc, pro, image_auroc)}."""
+    return [{"category": c, "method": m, "pixel_auroc": p, "pro": r, "image_auroc": i}
+            for (c, m), (p, r, i) in values.items()]
+
+
+def test_results_markdown_lists_every_method_and_the_average():
+    from diffad.evaluate import method_averages, results_markdown
+
+    rows = _rows({("a", "ensemble"): (0.90, 0.80, 1.00), ("a", "padim"): (0.95, 0.70, 0.50),
+                  ("b", "ensemble"): (0.70, 0.60, 0.80), ("b", "padim"): (0.85, 0.90, 0.70)})
+    assert method_averages(rows)["padim"] == pytest.approx({"pixel_auroc": 0.90, "pro": 0.80, "image_auroc": 0.60})
+    lines = results_markdown(rows).splitlines()
+    assert lines[0] == "| category | ensemble | padim |"
+    assert lines[2] == "| a | 90.0 / 80.0 / 100.0 | 95.0 / 70.0 / 50.0 |"
+    assert lines[4] == "| **average** | 80.0 / 70.0 / 90.0 | 90.0 / 80.0 / 60.0 |"
+    only_pro = results_markdown(rows, methods=("padim",), metrics=("pro",))
+    assert "| b | 90.0 |" in only_pro and "ensemble" not in only_pro
+    with pytest.raises(ValueError, match="spade"):
+        results_markdown(rows, methods=("spade",))
+    with pytest.raises(ValueError, match="no result rows"):
+        results_markdown([])
+
+
+def test_paper_table1_markdown_quotes_the_csv():
+    from diffad.evaluate import paper_table1_markdown
+
+    table = paper_table1_markdown()
+    assert "| bottle | (98.4, 95.5) | (98.5, 95.3) | (99.0, 96.8) |" in table
+    assert "| **average** | (96.0, 91.7) | (97.8, 92.8) |" in table
+    assert "quoted from" in table and len(table.splitlines()) == 2 + 16 + 2
+
+
+def test_paper_pattern_compares_leaders():
+    from diffad.evaluate import paper_pattern
+
+    paper = {"average": {"ours_pixel_auroc": 96.7, "padim_pixel_auroc": 97.8, "ours_pro": 93.7, "padim_pro": 92.8}}
+    same = _rows({("a", "ensemble"): (0.90, 0.85, 1.0), ("a", "padim"): (0.95, 0.80, 1.0)})
+    result = paper_pattern(same, paper=paper)
+    assert [r["metric"] for r in result] == ["pixel_auroc", "pro"]
+    assert [(r["paper_leader"], r["our_leader"], r["agrees"]) for r in result] == [
+        ("padim", "padim", True), ("ensemble", "ensemble", True)]
+    assert result[1]["ours"]["ensemble"] == pytest.approx(85.0)
+    flipped = _rows({("a", "ensemble"): (0.97, 0.70, 1.0), ("a", "padim"): (0.95, 0.80, 1.0)})
+    assert [r["agrees"] for r in paper_pattern(flipped, paper=paper)] == [False, False]
+    with pytest.raises(ValueError, match="padim"):
+        paper_pattern(same[:1], paper=paper)

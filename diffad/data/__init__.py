@@ -22,6 +22,7 @@ from .builtin import (
     BUILTIN_TEXTURES,
     DEFECT_KINDS,
     LOW_CONTRAST_KINDS,
+    is_builtin,
     make_builtin_dataset,
 )
 from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
@@ -52,6 +53,7 @@ __all__ = [
     "TEXTURE_CATEGORIES",
     "download_mvtec",
     "from_diffusion_range",
+    "is_builtin",
     "list_categories",
     "load_all",
     "make_builtin_dataset",

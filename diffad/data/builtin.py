@@ -608,6 +608,11 @@ def _write_category(folder: Path, category: str, parameters: dict) -> None:
     (folder / _MANIFEST_NAME).write_text(json.dumps({"parameters": parameters, "files": files}, indent=1))
 
 
+def is_builtin(root: str | Path, category: str) -> bool:
+    """Whether ``<root>/<category>`` was written by :func:`make_builtin_dataset` (not MVTec-AD)."""
+    return (Path(root) / category / _MANIFEST_NAME).is_file()
+
+
 def make_builtin_dataset(
     root: str | Path,
     seed: int = 0,
