@@ -187,35 +187,99 @@ def number_grid(ax, values, mask=None, fmt="{:g}", title=None, cmap="viridis"):
     return ax
 
 
-def pro_sweep_figure(masks, maps_by_name: dict, thresholds=(200, 1000), fpr_limit: float = 0.3, x_max=None):
+def pro_sweep_figure(masks, maps_by_name: dict, thresholds=(200, 1000), fpr_limit: float = 0.3, log_x: bool = True):
     """The exact PRO curve against the points a threshold sweep sees, one panel per score map.
 
     ``maps_by_name`` maps a title (e.g. ``"scores"``, ``"exp(scores)"``) to (N, H, W) maps of the
-    same ``masks``. Sweep points beyond ``fpr_limit`` are drawn faint; the legend counts the
-    points each sweep keeps below the limit.
+    same ``masks``. Sweep points beyond ``fpr_limit`` are drawn faint; the legend gives, per
+    sweep, how many points it keeps below the limit and the largest kept FPR (the sweep
+    rescales that FPR to the limit). ``log_x`` spreads out the low false-positive rates, where
+    the sweep's points crowd on skewed scores.
     """
     from diffad.metrics import pro_curve, threshold_sweep_curve
 
-    x_max = x_max if x_max is not None else min(1.0, 1.5 * fpr_limit)
-    fig, axes = plt.subplots(1, len(maps_by_name), figsize=(4.2 * len(maps_by_name), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(maps_by_name), figsize=(4.4 * len(maps_by_name), 3.5), squeeze=False)
     markers = ["o", "x", "s", "^"]
+    x_max = min(1.0, 1.5 * fpr_limit)
     for ax, (name, maps) in zip(axes[0], maps_by_name.items()):
         fprs, pros = pro_curve(masks, maps)
         ax.plot(fprs, pros, color="black", linewidth=1.5, label=f"exact ({len(fprs) - 2} thresholds)")
+        smallest = fprs[fprs > 0].min()
         for marker, count in zip(markers, thresholds):
             _, sweep_fprs, sweep_pros = threshold_sweep_curve(masks, maps, count)
             kept = sweep_fprs <= fpr_limit
+            largest = sweep_fprs[kept].max() if kept.any() else 0.0
             line = ax.plot(sweep_fprs[kept], sweep_pros[kept], marker, markersize=4, linestyle="none",
-                           label=f"{count} thresholds: {int(kept.sum())} kept")[0]
+                           label=f"{count} thresholds: {int(kept.sum())} kept, up to FPR {largest:.2g}")[0]
             ax.plot(sweep_fprs[~kept], sweep_pros[~kept], marker, markersize=3, linestyle="none",
                     color=line.get_color(), alpha=0.2)
+            if sweep_fprs[sweep_fprs > 0].size:
+                smallest = min(smallest, sweep_fprs[sweep_fprs > 0].min())
         ax.axvline(fpr_limit, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xlim(0, x_max)
+        if log_x:
+            ax.set_xscale("log")
+            ax.set_xlim(smallest / 2, x_max)
+            ax.set_xlabel("false-positive rate (log scale)")
+        else:
+            ax.set_xlim(0, x_max)
+            ax.set_xlabel("false-positive rate")
         ax.set_ylim(0, 1.02)
-        ax.set_xlabel("false-positive rate")
         ax.set_ylabel("per-region overlap")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
+    return fig
+
+
+def variance_curves(spectra: dict, fractions=(0.9, 0.95), ax=None):
+    """Cumulative explained variance against the number of principal components, one line each.
+
+    ``spectra`` maps a name to the descending variance ratios of
+    :func:`diffad.feature_analysis.explained_variance`; dotted lines mark ``fractions``.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.0, 3.4))
+    for name, ratios in spectra.items():
+        ratios = np.asarray(ratios, dtype=float)
+        if ratios.ndim != 1 or len(ratios) == 0:
+            raise ValueError(f"spectrum {name!r} must be a non-empty 1-D array of variance ratios")
+        ax.plot(np.arange(1, len(ratios) + 1), np.cumsum(ratios), label=f"{name} ({len(ratios)} channels)")
+    for fraction in fractions:
+        ax.axhline(fraction, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("principal components")
+    ax.set_ylabel("cumulative explained variance")
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def maps_figure(data, maps: dict, indices=None, n: int = 4, cmap: str = "inferno", size: float = 1.6):
+    """Test images, their ground truth and several anomaly maps side by side, one row per image.
+
+    ``data`` has ``test_images``, ``test_masks``, ``test_labels`` and ``defect_types``
+    (:class:`diffad.evaluate.CategoryData`); ``maps`` maps a column title to (N, H, W) maps.
+    Each map is scaled once over all test images (robust 1st-99.5th percentile), so brightness
+    compares across rows; the defect is outlined on every map. ``indices`` default: ``n``
+    defective images, one per defect type first.
+    """
+    if not maps:
+        raise ValueError("maps_figure needs at least one map")
+    count = len(data.test_images)
+    for name, values in maps.items():
+        if len(values) != count:
+            raise ValueError(f"map {name!r} has {len(values)} images, data has {count} test images")
+    if indices is None:
+        indices = pick_examples(data.test_labels, data.defect_types, n)
+    scaled = {name: _rescale(values.numpy() if torch.is_tensor(values) else np.asarray(values))
+              for name, values in maps.items()}
+    rows, masks = [], []
+    for i in indices:
+        rows.append([data.test_images[i], np.asarray(data.test_masks[i], dtype=float)] +
+                    [scaled[name][i] for name in maps])
+        masks.append([None, None] + [data.test_masks[i]] * len(maps))
+    fig = image_table(rows, masks=masks, row_labels=[data.defect_types[i] for i in indices],
+                      col_labels=["image", "ground truth"] + list(maps), size=size, cmap=cmap, mask_color="cyan")
     return fig
