@@ -194,7 +194,8 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
                 cells.append(pair(100 * v["pixel_auroc"], 100 * v["pro"]) if v else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("(pixel AUROC, PRO) in percent. † quoted from the paper's Table 1; the rest computed by diffad.")
+    lines.append("(pixel AUROC, PRO) in percent, computed by diffad" + (
+        "; † quoted from the paper's Table 1." if any_mvtec else "; the paper's columns need MVTec-AD data."))
     return "\n".join(lines)
 
 

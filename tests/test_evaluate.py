@@ -65,6 +65,7 @@ def test_table1_puts_paper_numbers_beside_ours():
     assert "quoted from the paper" in table
     # The built-in data shares no images with MVTec-AD, whatever its folder names.
     assert "(98.4, 95.5)" not in table1_markdown(rows, mvtec=False)
+    assert "quoted" not in table1_markdown(rows, mvtec=False)
 
 
 def test_cli_reports_clear_errors(tmp_path, capsys):

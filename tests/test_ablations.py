@@ -1,0 +1,142 @@
+"""Tests of diffad.ablations: rescoring settings, timestep ranges, PaDiM ablations, comparison tables."""
+
+import pytest
+import torch
+
+from diffad import ablations
+from diffad.baselines import PaDiM
+from diffad.evaluate import CategoryData
+from diffad.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_builtin, tiny_preset):
+    return [CategoryData.load(tiny_builtin, c, tiny_preset) for c in ("brick", "nut")]
+
+
+def test_unified_overrides_are_class_conditional_and_longer():
+    cpu = get_preset("cpu")
+    overrides = ablations.unified_overrides("cpu")
+    assert overrides["class_cond"] and overrides["train_steps"] == 2 * cpu.train_steps
+    assert ablations.unified_overrides(get_preset("paper"))["train_steps"] == 20_000
+    overrides["train_steps"] = 1  # a copy: the table itself is unchanged
+    assert ablations.UNIFIED_TRAINING["cpu"]["train_steps"] == 400
+    with pytest.raises(ValueError, match="nope"):
+        ablations.unified_overrides("nope")
+
+
+def test_rescored_changes_scoring_only_and_shares_weights(tiny_model):
+    other = ablations.rescored(tiny_model, test_timesteps=(1, 2), timestep_mode="authors")
+    assert other.preset.test_timesteps == (1, 2) and other.preset.timestep_mode == "authors"
+    assert other.unet is tiny_model.unet and tiny_model.preset.timestep_mode == "consistent"
+    with pytest.raises(ValueError, match="train_steps"):
+        ablations.rescored(tiny_model, train_steps=5)
+
+
+def test_timestep_ranges_map_respaced_indices_to_original_steps():
+    preset = get_preset("cpu", timestep_respacing="250", test_timesteps=(5, 50, 100))
+    rows = ablations.timestep_ranges(preset)
+    # 250 evenly spaced steps of 1000: index k is original step round(k * 999 / 249).
+    assert [r["original_step"] for r in rows] == [round(k * 999 / 249) for k in (5, 50, 100)] == [20, 201, 401]
+    assert [r["trained_on"] for r in rows] == [True, True, False]  # cpu trains t < 300 only
+    plain = ablations.timestep_ranges(get_preset("cpu"), (5, 299, 300))
+    assert [(r["original_step"], r["trained_on"]) for r in plain] == [(5, True), (299, True), (300, False)]
+    assert all(r["trained_on"] for r in ablations.timestep_ranges(get_preset("paper")))
+    with pytest.raises(ValueError, match="250"):
+        ablations.timestep_ranges(preset, (250,))
+
+
+def test_padim_row_and_backbone_ablation(tiny_data, tiny_preset):
+    rows = ablations.backbone_ablation(tiny_data, ["tf_efficientnet_lite0"], tiny_preset, device="cpu")
+    assert [(r["backbone"], r["category"], r["method"]) for r in rows] == [
+        ("tf_efficientnet_lite0", "brick", "padim"), ("tf_efficientnet_lite0", "nut", "padim")]
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("pixel_auroc", "pro", "image_auroc"))
+    extractor = ablations.backbone_extractor(tiny_preset, device="cpu")
+    assert extractor.grid_size == (tiny_preset.image_size // 4,) * 2 and rows[0]["channels"] == extractor.out_channels
+    # The same as PaDiM run by hand on that extractor.
+    expected = PaDiM(extractor=extractor, device="cpu").fit(tiny_data[0].train_images).predict(tiny_data[0].test_images)
+    row, maps = ablations.padim_row(tiny_data[0], extractor, device="cpu")
+    assert torch.allclose(maps, expected.maps) and row == rows[0]
+    with pytest.raises(ValueError, match="at least one"):
+        ablations.backbone_ablation([], ["tf_efficientnet_lite0"], tiny_preset)
+
+
+def test_unified_padim_fits_once_on_pooled_images(tiny_data, tiny_preset):
+    rows = ablations.unified_padim_rows(tiny_data, tiny_preset, device="cpu")
+    assert [(r["category"], r["method"]) for r in rows] == [("brick", "padim"), ("nut", "padim")]
+    pooled = torch.cat([d.train_images for d in tiny_data])
+    extractor = ablations.backbone_extractor(tiny_preset, device="cpu")
+    row, _ = ablations.padim_row(tiny_data[1], extractor, train_images=pooled, device="cpu")
+    assert row["pro"] == pytest.approx(rows[1]["pro"]) and row["pixel_auroc"] == pytest.approx(rows[1]["pixel_auroc"])
+
+
+def test_backbone_options_put_offline_weights_first():
+    from diffad.backbones import available_offline, default_layers
+
+    options = ablations.backbone_options()
+    names = [name for _, name in options]
+    offline = available_offline()
+    assert names[:len(offline)] == offline and "tf_efficientnet_lite0" in offline
+    assert dict(options)["tf_efficientnet_lite0 (offline)"] == "tf_efficientnet_lite0"
+    assert ("resnet18 (download)", "resnet18") in options and ("wide_resnet50_2 (download)", "wide_resnet50_2") in options
+    assert len(set(names)) == len(names)
+    for name in names:
+        default_layers(name)  # every option has default feature stages
+
+
+def _rows(values):
+    return [{"category": c, "method": m, "pixel_auroc": 0.5, "pro": p, "image_auroc": 0.5}
+            for (c, m), p in values.items()]
+
+
+def test_comparison_markdown_and_average_change():
+    per_category = _rows({("a", "ensemble"): 0.90, ("b", "ensemble"): 0.80, ("a", "padim"): 0.70})
+    unified = _rows({("a", "ensemble"): 0.85, ("b", "ensemble"): 0.81, ("a", "padim"): 0.60})
+    table = ablations.comparison_markdown(per_category, unified, ("ensemble",))
+    assert "| a | 90.0 | 85.0 | -5.0 |" in table and "| b | 80.0 | 81.0 | +1.0 |" in table
+    assert "| **average** | 85.0 | 83.0 | -2.0 |" in table
+    assert ablations.average_change(per_category, unified, "ensemble") == pytest.approx(-0.02)
+    assert ablations.average_change(per_category, unified, "padim") == pytest.approx(-0.10)
+    # Only categories with every method in both sets are listed.
+    both = ablations.comparison_markdown(per_category, unified, ("ensemble", "padim"))
+    assert "| a |" in both and "| b |" not in both
+    with pytest.raises(ValueError, match="spade"):
+        ablations.average_change(per_category, unified, "spade")
+    with pytest.raises(ValueError, match="metric"):
+        ablations.comparison_markdown(per_category, unified, ("ensemble",), metric="f1")
+
+
+def test_sweep_markdown_averages_over_categories():
+    rows = [{"category": c, "method": "ensemble", "alpha": a, "test_timesteps": (5, 10),
+             "pixel_auroc": p, "pro": p, "image_auroc": p}
+            for c, a, p in (("x", 0.0, 0.50), ("y", 0.0, 0.70), ("x", 1.0, 0.90), ("y", 1.0, 0.95))]
+    lines = ablations.sweep_markdown(rows, ("alpha", "test_timesteps"), metrics=("pro",)).splitlines()
+    assert lines[0] == "| alpha | test_timesteps | ensemble |"
+    assert lines[2:4] == ["| 0.0 | (5, 10) | 60.0 |", "| 1.0 | (5, 10) | 92.5 |"]
+    assert "mean over 2 categories" in lines[-1]
+    assert "| – |" in ablations.sweep_markdown(rows, ("alpha",), methods=("ensemble", "kl"))
+    with pytest.raises(ValueError, match="sigma"):
+        ablations.sweep_markdown(rows, ("sigma",))
+
+
+def test_rank_timestep_subsets_tries_every_subset_best_first():
+    from diffad.scoring import RawMaps
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 6, 16
+    masks = torch.zeros(n, size, size)
+    masks[3:, 4:8, 4:8] = 1
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # Timestep 1 sees the defect clearly, timestep 2 faintly, timestep 3 not at all.
+    strength = torch.tensor([3.0, 0.5, 0.0])[None, :, None, None]
+    maps = [torch.rand(n, 3, size, size, generator=g) + strength * masks[:, None] for _ in range(3)]
+    test = RawMaps((1, 2, 3), *maps)
+    val = RawMaps((1, 2, 3), *(torch.rand(4, 3, size, size, generator=g) for _ in range(3)))
+    data = CategoryData("x", torch.zeros(0), torch.zeros(0), torch.zeros(n, 3, size, size), masks, labels, ["d"] * n)
+    preset = get_preset("cpu", smoothing_sigma=0.0)
+    rows = ablations.rank_timestep_subsets(data, test, val, preset, max_size=2)
+    assert len(rows) == 3 + 3 and {r["method"] for r in rows} == {"ensemble"}
+    assert rows[0]["test_timesteps"] == (1,) and rows[-1]["test_timesteps"] == (3,)
+    assert [r["pro"] for r in rows] == sorted((r["pro"] for r in rows), reverse=True)
+    with pytest.raises(ValueError, match="max_size"):
+        ablations.rank_timestep_subsets(data, test, val, preset, max_size=4)
