@@ -2,8 +2,12 @@
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MPLBACKEND", "Agg")
+import matplotlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # inherited by nbval's kernels too: no hub there either
+# Off-screen plots for this process only: an MPLBACKEND variable would reach nbval's kernels
+# and stop them from showing figures inline.
+matplotlib.use("Agg")
 
 import pytest
 
