@@ -140,7 +140,7 @@ def backbone_options(patterns: tuple[str, ...] = BACKBONE_PATTERNS) -> list[tupl
     offline = available_offline()
     names = set()
     for pattern in patterns:
-        names |= {n.split(".", 1)[0] for n in timm.list_models(pattern, pretrained=True)}
+        names |= {n.split(".", 1)[0] for n in timm.list_models(pattern, pretrained=True)}  # online: checked, only lists names (no download)
     usable = []
     for name in sorted(names):
         try:

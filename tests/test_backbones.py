@@ -217,7 +217,7 @@ def test_pretrained_hub_model_offline_env_fails_fast(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     before = constants.HF_HUB_OFFLINE
     with pytest.raises(RuntimeError, match="no internet"):
-        bb.FeatureExtractor("resnet18", pretrained=True)
+        bb.FeatureExtractor("resnet18", pretrained=True)  # online: checked, hub is offline here and this must raise
     assert constants.HF_HUB_OFFLINE == before  # the temporary offline switch is undone
 
 
@@ -243,7 +243,7 @@ def test_unreachable_hub_is_detected_by_probe(monkeypatch, tmp_path):
 
     monkeypatch.setattr(timm, "create_model", spy)
     with pytest.raises(RuntimeError, match="weights_path"):
-        bb.FeatureExtractor("resnet18", pretrained=True)
+        bb.FeatureExtractor("resnet18", pretrained=True)  # online: checked, hub is offline here and this must raise
     assert seen_offline == [True]  # the hub was asked in cache-only mode, no network retries
     assert constants.HF_HUB_OFFLINE is False  # restored after the attempt
 

@@ -47,7 +47,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def padim():
-    extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)
+    extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)  # online: checked, lite0 loads from the installed wheel
     return PaDiM(extractor, n_features=32, device="cpu").fit(smooth_noise(8, seed=0))
 
 
