@@ -22,9 +22,9 @@ import torch
 
 from diffad.data import download_mvtec, list_categories, make_builtin_dataset
 from diffad.evaluate import CategoryData, score_category
-from diffad.presets import Preset, get_preset, training_differences
+from diffad.presets import Preset, get_preset, training_differences, training_fingerprint
 from diffad.scoring import RawMaps
-from diffad.train import MODEL_NAME, TrainedModel, fit, pick_device
+from diffad.train import MODEL_NAME, TrainedModel, atomic_save, fit, pick_device
 
 SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
 BUILTIN_IMAGE_SIZE = 256
@@ -78,20 +78,44 @@ def shipped_checkpoint(preset: Preset, categories: list[str]) -> Path | None:
     if not path.is_file():
         return None
     saved = TrainedModel.load(path)
-    same = not training_differences(saved.preset, preset) and saved.categories == categories
+    wanted = preset.for_categories(categories)
+    same = not training_differences(saved.preset, wanted) and saved.categories == categories
     return path if same else None
 
 
-def trained_model(ctx: Context, categories: str | list[str], progress: bool = True) -> TrainedModel:
-    """The model for one category (or a unified one for several): from the cache, shipped, or trained."""
+def model_folder(ctx: Context, categories: list[str]) -> Path:
+    """Where the cache keeps the model of ``categories``: one folder per preset name, categories and
+    training settings, so a model trained with other settings is never mistaken for this one."""
+    fingerprint = training_fingerprint(ctx.preset.for_categories(categories))
+    return ctx.cache / "models" / f"{_run_name(ctx.preset, categories)}-{fingerprint}"
+
+
+def trained_model(ctx: Context, categories: str | list[str], progress: bool = True,
+                  allow_training: bool = True) -> TrainedModel:
+    """The model for one category (or a unified one for several): from the cache, shipped, or trained.
+
+    With ``allow_training=False`` a model that is neither cached nor shipped is an error naming
+    what to do, instead of a training run (minutes on a CPU, hours on a GPU for the paper preset).
+    """
     categories = [categories] if isinstance(categories, str) else list(categories)
-    folder = ctx.cache / "models" / _run_name(ctx.preset, categories)
+    folder = model_folder(ctx, categories)
     if not (folder / MODEL_NAME).is_file():
         shipped = shipped_checkpoint(ctx.preset, categories)
         if shipped is not None:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shipped, folder / MODEL_NAME)
+        elif not allow_training:
+            raise RuntimeError(
+                f"no trained {ctx.preset.name!r} model for {'+'.join(categories)} in {folder} and none ships "
+                f"with diffad; train it with book.trained_model(ctx, {categories!r}) or `python -m diffad "
+                f"train`, or pick a shipped category: {sorted(shipped_categories(ctx.preset))}")
     return fit(ctx.data_root, categories, folder, ctx.preset, device=ctx.device, progress=progress)
+
+
+def shipped_categories(preset: Preset) -> set[str]:
+    """Categories with a shipped single-category checkpoint for ``preset``."""
+    return {name for name in {p.stem.split("-", 1)[1] for p in SHIPPED.glob(f"{preset.name}-*.pt")}
+            if "+" not in name and shipped_checkpoint(preset, [name]) is not None}
 
 
 def category_data(ctx: Context, category: str) -> CategoryData:
@@ -103,13 +127,31 @@ def settings_hash(preset: Preset) -> str:
     return hashlib.sha1(repr(sorted(preset.to_dict().items())).encode()).hexdigest()[:10]
 
 
+# The preset fields that shape the raw per-timestep maps; the others (alpha, normalisation,
+# smoothing, top-k) are applied afterwards and need no new scoring run.
+RAW_MAP_FIELDS = ("timestep_respacing", "test_timesteps", "timestep_mode")
+
+
+def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:
+    """A fingerprint of what the raw maps depend on: the weights, the images, the raw-map fields, the seed."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(model.unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for images in (data.test_images, data.val_images):
+        digest.update(images.contiguous().view(torch.uint8).numpy().tobytes())
+    fields = {k: model.preset.to_dict()[k] for k in RAW_MAP_FIELDS}
+    digest.update(repr((sorted(fields.items()), model.preset.image_size, seed)).encode())
+    return digest.hexdigest()[:12]
+
+
 def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0) -> tuple[RawMaps, RawMaps]:
-    """Raw test and validation maps of a category, computed once per model settings and cached."""
+    """Raw test and validation maps of a category, computed once per weights and raw-map settings, cached."""
     name = "+".join(model.categories)
-    path = ctx.cache / "scores" / f"{name}-{data.category}-{settings_hash(model.preset)}-{seed}.pt"
+    path = ctx.cache / "scores" / f"{name}-{data.category}-{scores_key(model, data, seed)}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     result = score_category(model, data, seed=seed, device=ctx.device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(result, path)
+    atomic_save(result, path)
     return result

@@ -59,16 +59,6 @@ class Trajectory:
         return len(self.images)
 
 
-def _model_kwargs(model: TrainedModel, category: str | None, batch: int, device) -> dict | None:
-    """The class label the UNet needs when it is class-conditional, else None."""
-    if not model.num_classes:
-        return None
-    if category is None:
-        raise ValueError(f"this model is conditioned on the category: pass category= one of {model.categories}")
-    label = model.class_index(category)
-    return {"y": torch.full((batch,), label, dtype=torch.long, device=device)}
-
-
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -94,7 +84,7 @@ def gradient_denoise(
     image: torch.Tensor,
     rounds: int = 100,
     inner_steps: int = 5,
-    step_size: float = 0.02,
+    step_size: float | None = None,
     pull_timestep: int | None = 8,
     stochastic: bool = False,
     category: str | None = None,
@@ -116,6 +106,7 @@ def gradient_denoise(
     for name, value, low in (("rounds", rounds, 1), ("inner_steps", inner_steps, 0), ("record_every", record_every, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    step_size = model.preset.denoise_step_size if step_size is None else step_size
     if not 0.0 < step_size < 1.0:
         raise ValueError(f"step_size must lie in (0, 1), got {step_size}")
     image = check_images(image, model.preset.image_size)
@@ -134,7 +125,7 @@ def gradient_denoise(
             raise ValueError(
                 f"pull_timestep must be an int in [0, {diffusion.num_timesteps}) or None, got {pull_timestep!r}"
             )
-    model_kwargs = _model_kwargs(model, category, image.shape[0], device)
+    model_kwargs = model.unet_kwargs(category, image.shape[0], device)
 
     x = to_diffusion_range(image.to(device))
     trajectory = Trajectory()
@@ -199,7 +190,7 @@ def reconstruct(
         raise ValueError(f"steps must be None or an int in [1, t + 1 = {t + 1}], got {steps!r}")
     unet = model.unet.eval()
     device = _device_of(unet)
-    model_kwargs = _model_kwargs(model, category, image.shape[0], device)
+    model_kwargs = model.unet_kwargs(category, image.shape[0], device)
     diffusion = _reverse_process(base, t, steps)
     generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -89,9 +89,7 @@ def score_raw(
     device = pick_device(device)
     unet = model.unet.to(device).eval()
     extractor = extractor if extractor is not None else build_feature_extractor(preset, device)
-    y_value = model.class_index(category) if model.num_classes else None
-    if model.num_classes and category is None:
-        raise ValueError(f"this model is conditioned on the category: pass one of {model.categories}")
+    model.unet_kwargs(category, 1)  # fails early, naming the categories, when a label is missing
     batch_size = batch_size or preset.score_batch_size
     n, _, h, w = images.shape
     k = len(timesteps)
@@ -101,13 +99,13 @@ def score_raw(
         b = x0.shape[0]
         noise = torch.stack([_noise_for(start + i, seed, x0.shape[1:], k) for i in range(b)], dim=1).to(device)
         target = model.feature_target(extractor(x0))
-        y = torch.full((b,), y_value, device=device, dtype=torch.long) if y_value is not None else None
+        label = model.unet_kwargs(category, b, device)
         for j, t_index in enumerate(timesteps):
             t = torch.full((b,), t_index, device=device, dtype=torch.long)
             x_t = diffusion.q_sample(x0, t, noise=noise[j])
-            output, features = unet(x_t, diffusion.model_timesteps(t), y=y, return_features=True)
+            output, features = unet(x_t, diffusion.model_timesteps(t), return_features=True, **label)
             if mode == "authors":  # the official code's feature branch: raw index as timestep
-                _, features = unet(x_t, t, y=y, return_features=True)
+                _, features = unet(x_t, t, return_features=True, **label)
             output = output.float()
             kl = diffusion.kl_map(output, x0, x_t, t, clip_denoised=True)
             pred_x0 = diffusion.p_mean_variance_from_output(output, x_t, t, clip_denoised=True)["pred_xstart"]

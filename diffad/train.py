@@ -117,6 +117,14 @@ class TrainedModel:
             raise ValueError(f"this model was trained on {self.categories}, not on {category!r}")
         return self.categories.index(category)
 
+    def unet_kwargs(self, category: str | None, batch: int, device=None) -> dict:
+        """The UNet's class-label argument ``{"y": ...}`` for a class-conditional model, else ``{}``."""
+        if not self.num_classes:
+            return {}
+        if category is None:
+            raise ValueError(f"this model is conditioned on the category: pass category= one of {self.categories}")
+        return {"y": torch.full((batch,), self.class_index(category), dtype=torch.long, device=device)}
+
     def save(self, path: str | Path, half: bool = False) -> Path:
         """Write the EMA weights and settings (atomically); ``half`` stores the weights as float16."""
         weights = self.unet.state_dict()
@@ -262,10 +270,10 @@ def fit(
     resumed. Several categories train one unified, class-conditional model. ``stop_after``
     ends the run early after that many steps in this call (for demonstrations and tests of resume).
     """
-    preset = get_preset(preset, **overrides)
     categories = [categories] if isinstance(categories, str) else list(categories)
     if not categories:
         raise ValueError("no category to train on")
+    preset = get_preset(preset, **overrides).for_categories(categories)
     if len(categories) > 1 and not preset.class_cond:
         preset = preset.replace(class_cond=True)  # one model for several categories needs the label
     out_dir = Path(out_dir)

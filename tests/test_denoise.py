@@ -201,3 +201,14 @@ def test_reconstruct_errors(model, anomalous):
         reconstruct(model, anomalous, t=5, method="euler")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         reconstruct(model, anomalous[0], t=5)
+
+
+def test_step_size_defaults_to_the_presets(model, padim, anomalous):
+    """Without step_size, gradient_denoise takes the preset's denoise_step_size (cpu: scaled to 64 px)."""
+    assert get_preset("paper").denoise_step_size == 0.02
+    assert get_preset("cpu").denoise_step_size == pytest.approx(0.02 * 64 / 256)
+    own = model.preset.denoise_step_size
+    kwargs = dict(rounds=2, inner_steps=2, pull_timestep=None)
+    default = gradient_denoise(model, padim, anomalous, **kwargs).result
+    assert torch.equal(default, gradient_denoise(model, padim, anomalous, step_size=own, **kwargs).result)
+    assert not torch.allclose(default, gradient_denoise(model, padim, anomalous, step_size=own / 2, **kwargs).result)

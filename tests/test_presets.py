@@ -25,3 +25,27 @@ def test_unknown_names_raise():
         get_preset("cpu", trian_steps=3)
     with pytest.raises(ValueError, match="unknown preset field"):
         PAPER.replace(alpah=0.3)
+
+
+def test_category_overrides_apply_to_that_category_alone():
+    p = get_preset("cpu", category_overrides={"grass": {"train_steps": 600, "lr_anneal_steps": 600}})
+    assert p.for_categories("grass").train_steps == 600
+    assert p.for_categories(["brick"]).train_steps == p.train_steps  # other categories keep the preset's
+    assert p.for_categories(["grass", "brick"]) is p  # a unified model takes the preset's own values
+    assert Preset.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match=r"category_overrides\['grass'\] sets unknown or fixed field\(s\) \['trian_steps'\]"):
+        get_preset("cpu", category_overrides={"grass": {"trian_steps": 1}}).for_categories("grass")
+    with pytest.raises(ValueError, match="fixed"):
+        get_preset("cpu", category_overrides={"grass": {"name": "x"}}).for_categories("grass")
+
+
+def test_cpu_preset_trains_the_random_textures_longer():
+    from diffad.presets import training_differences, training_fingerprint
+
+    cpu = get_preset("cpu")
+    for texture in ("grass", "gravel"):
+        assert cpu.for_categories(texture).train_steps == cpu.for_categories(texture).lr_anneal_steps == 600
+    assert training_differences(cpu.for_categories("grass"), cpu) == ["train_steps", "lr_anneal_steps"]
+    assert training_fingerprint(cpu.for_categories("grass")) != training_fingerprint(cpu)
+    # scoring fields and the overrides table itself never change the fingerprint
+    assert training_fingerprint(cpu.replace(alpha=0.1, category_overrides={})) == training_fingerprint(cpu)

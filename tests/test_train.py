@@ -48,6 +48,13 @@ def test_other_settings_in_the_same_folder_are_refused(tiny_builtin, tiny_preset
         fit(tiny_builtin, "brick", tmp_path, tiny_preset.replace(lr=0.5), progress=False)
 
 
+def test_category_overrides_reach_training(tiny_builtin, tiny_preset, tmp_path):
+    preset = tiny_preset.replace(category_overrides={"brick": {"train_steps": 2, "lr_anneal_steps": 2}})
+    model = fit(tiny_builtin, "brick", tmp_path / "brick", preset, progress=False)
+    assert len(model.history) == 2 and model.preset.train_steps == 2
+    assert fit(tiny_builtin, "brick", tmp_path / "brick", preset, progress=False).preset.train_steps == 2  # reloads
+
+
 def test_unified_model_is_class_conditional(tiny_builtin, tiny_preset, tmp_path):
     model = fit(tiny_builtin, ["brick", "nut"], tmp_path, tiny_preset, progress=False, stop_after=1)
     assert model.num_classes == 2 and model.class_index("nut") == 1

@@ -1,0 +1,320 @@
+"""Measurements behind the book's figures, computed rather than asserted.
+
+* :func:`defect_contrast` -- how visible a defect is: the contrast-to-noise ratio of the
+  defect region against a ring of its surroundings.
+* :func:`noise_sweep` -- the paper's Fig. 2 as numbers: one defective image noised to
+  increasing t; how visible the defect stays in x_t, and whether the model's one-step
+  estimate of the clean image x0_hat (and the KL map) singles the defect out.
+* :func:`timestep_profile` -- what a trained model does at each t: its hybrid-loss terms
+  and the variance it learned, between beta_t and the posterior variance beta~_t.
+* :func:`feature_prediction` -- what the feature head predicts from x_t against the backbone's
+  features of the clean image, and their error (the feature-level score before upsampling).
+* :func:`inside_outside` -- the mean of maps inside and outside the defect masks (how much a
+  reconstruction changed the defect against the normal parts).
+* :func:`defect_type_metrics` -- pixel AUROC (or PRO) of several maps per defect type.
+* :func:`largest_defect` -- the test image of a defect type with the largest defect (for figures).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffad.data import from_diffusion_range, to_diffusion_range
+from diffad.metrics import pixel_auroc, pro
+from diffad.train import TrainedModel, build_diffusion, build_feature_extractor
+
+DEFECT_METRICS = {"pixel_auroc": pixel_auroc, "pro": pro}
+
+
+def _as_masks(masks, shape: tuple[int, ...]) -> torch.Tensor:
+    """(N, H, W) or (N, 1, H, W) masks as a bool tensor of shape (N, H, W) matching ``shape``."""
+    masks = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks)
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if tuple(masks.shape) != tuple(shape):
+        raise ValueError(f"masks have shape {tuple(masks.shape)}, expected {tuple(shape)} (N, H, W)")
+    return masks > 0.5
+
+
+def _check_image_batch(images, what: str = "images") -> torch.Tensor:
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"{what} must be a float tensor (N, 3, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"{what} must be floating point, got dtype {images.dtype}")
+    return images
+
+
+def ring_masks(masks, width: int) -> torch.Tensor:
+    """The surroundings of each defect: pixels within ``width`` pixels of it, outside it. (N, H, W) bool."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"width must be a positive int, got {width!r}")
+    masks = torch.as_tensor(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got shape {tuple(masks.shape)}")
+    inside = masks > 0.5
+    dilated = F.max_pool2d(inside[:, None].float(), 2 * width + 1, stride=1, padding=width)[:, 0] > 0.5
+    return dilated & ~inside
+
+
+def defect_contrast(images, masks, ring_width: int | None = None) -> torch.Tensor:
+    """Contrast-to-noise ratio (N,) of each image's defect against a ring of its surroundings.
+
+    ``|| mean_defect - mean_ring ||`` over the colour channels, divided by the ring's standard
+    deviation (root of the channel-mean variance). A defect that stands out of its neighbourhood
+    scores high; one buried in texture or noise scores near 0. ``ring_width`` defaults to 5 % of
+    the image side (at least 2 px). Images without a defect (or without a ring) give NaN.
+    """
+    images = _check_image_batch(images).float()
+    n, _, h, w = images.shape
+    inside = _as_masks(masks, (n, h, w))
+    ring = ring_masks(inside, ring_width or max(2, round(0.05 * min(h, w))))
+    out = torch.full((n,), float("nan"))
+    for i in range(n):
+        if inside[i].sum() == 0 or ring[i].sum() < 2:
+            continue
+        defect = images[i][:, inside[i]]  # (3, P)
+        around = images[i][:, ring[i]]
+        spread = around.var(dim=1).mean().clamp_min(1e-12).sqrt()
+        out[i] = (defect.mean(dim=1) - around.mean(dim=1)).norm() / spread
+    return out
+
+
+def inside_outside(maps, masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each map (N, H, W) inside its defect mask and outside it: two (N,) tensors (NaN if empty)."""
+    maps = torch.as_tensor(maps).float()
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W), got shape {tuple(maps.shape)}")
+    inside = _as_masks(masks, maps.shape)
+    nan = torch.tensor(float("nan"))
+    mean_in = torch.stack([maps[i][inside[i]].mean() if inside[i].any() else nan for i in range(len(maps))])
+    mean_out = torch.stack([maps[i][~inside[i]].mean() if (~inside[i]).any() else nan for i in range(len(maps))])
+    return mean_in, mean_out
+
+
+def _check_timesteps(timesteps, num_timesteps: int, low: int = 0) -> tuple[int, ...]:
+    timesteps = tuple(int(t) for t in timesteps)
+    if not timesteps or any(not low <= t < num_timesteps for t in timesteps):
+        raise ValueError(f"timesteps must be a non-empty list of ints in [{low}, {num_timesteps}), got {list(timesteps)}")
+    return timesteps
+
+
+@dataclass
+class NoiseSweep:
+    """One defective image seen at increasing noise levels (the paper's Fig. 2, measured).
+
+    Images (K, 3, H, W) in [0, 1] are those of the first noise draw; the curves (K,) average
+    over all draws. ``contrast``: the defect's contrast-to-noise ratio in x_t
+    (:func:`defect_contrast`; ``clean_contrast`` is that of x0). ``error_inside`` /
+    ``error_outside``: mean |x0_hat - x0| (on the [0, 1] scale) inside the defect and outside it:
+    the first grows as the model replaces the defect, the second as it loses normal detail.
+    ``error_ratio``: their ratio per draw; ``kl_ratio``: the same ratio for the KL map. A ratio
+    well above 1 means the model's estimate singles the defect out.
+    """
+
+    timesteps: tuple[int, ...]
+    noisy: torch.Tensor
+    predicted: torch.Tensor
+    kl: torch.Tensor  # (K, H, W), bits per element, channel mean
+    contrast: torch.Tensor
+    clean_contrast: float
+    error_inside: torch.Tensor
+    error_outside: torch.Tensor
+    error_ratio: torch.Tensor
+    kl_ratio: torch.Tensor
+
+
+@torch.no_grad()
+def noise_sweep(model: TrainedModel, image: torch.Tensor, mask, timesteps, category: str | None = None,
+                seed: int = 0, draws: int = 4) -> NoiseSweep:
+    """Noise ``image`` (3, H, W) in [0, 1] to each of ``timesteps`` (of the model's T steps) and measure.
+
+    The same unit noise is scaled to every t within a draw, so the images differ only in the
+    noise level. One UNet pass per (t, draw) gives x0_hat and the KL map, as in scoring.
+    """
+    if not torch.is_tensor(image) or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got "
+                         f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+    size = model.preset.image_size
+    if tuple(image.shape[-2:]) != (size, size):
+        raise ValueError(f"image is {tuple(image.shape[-2:])} but the model was trained at {size}x{size}")
+    if not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
+    mask = _as_masks(torch.as_tensor(mask).reshape(1, size, size), (1, size, size))[0]
+    if not mask.any():
+        raise ValueError("mask is empty: noise_sweep needs a defective image and its defect mask")
+    diffusion = build_diffusion(model.preset)
+    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps, low=1)  # t = 0 has no KL term
+    unet = model.unet.eval()
+    device = next(unet.parameters()).device
+    x0 = to_diffusion_range(image.float()).to(device)[None]
+    noise = torch.randn((draws, *x0.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(device)
+    noisy, predicted, kls, contrast, error_ratio, kl_ratio, inside, outside = [], [], [], [], [], [], [], []
+    masks = mask[None].expand(draws, -1, -1)
+    for t_value in timesteps:
+        batch = x0.expand(draws, -1, -1, -1)
+        t = torch.full((draws,), t_value, dtype=torch.long, device=device)
+        x_t = diffusion.q_sample(batch, t, noise=noise)
+        output = unet(x_t, diffusion.model_timesteps(t), **model.unet_kwargs(category, draws, device)).float()
+        kl = diffusion.kl_map(output, batch, x_t, t, clip_denoised=True).mean(dim=1).cpu()
+        x0_hat = diffusion.p_mean_variance_from_output(output, x_t, t, clip_denoised=True)["pred_xstart"]
+        error = (x0_hat - batch).abs().mean(dim=1).cpu() / 2  # on the [0, 1] image scale
+        noisy.append(from_diffusion_range(x_t[0], clamp=True).cpu())
+        predicted.append(from_diffusion_range(x0_hat[0], clamp=True).cpu())
+        kls.append(kl[0])
+        contrast.append(defect_contrast(x_t.cpu(), masks.cpu()).mean())
+        e_in, e_out = inside_outside(error, masks.cpu())
+        k_in, k_out = inside_outside(kl, masks.cpu())
+        inside.append(e_in.mean())
+        outside.append(e_out.mean())
+        error_ratio.append((e_in / e_out.clamp_min(1e-12)).mean())
+        kl_ratio.append((k_in / k_out.clamp_min(1e-12)).mean())
+    clean = float(defect_contrast(x0.cpu(), mask[None].cpu())[0])
+    return NoiseSweep(timesteps, torch.stack(noisy), torch.stack(predicted), torch.stack(kls), torch.stack(contrast),
+                      clean, torch.stack(inside), torch.stack(outside), torch.stack(error_ratio), torch.stack(kl_ratio))
+
+
+@dataclass
+class TimestepProfile:
+    """A trained model's behaviour at each of ``timesteps`` (each array (K,)).
+
+    ``mse``: the epsilon-prediction error (the simple loss); ``vb``: the variational-bound term
+    in bits per dimension (what trains the variance). ``variance_fraction``: the mean of
+    (v + 1) / 2, where the learned log variance is fraction * log beta_t + (1 - fraction) *
+    log beta~_t (0: the posterior variance beta~_t, 1: beta_t); ``fraction_std`` its spread over
+    pixels and images. ``beta``, ``posterior_variance``: the schedule's two bounds;
+    ``model_variance``: exp of the mean predicted log variance.
+    """
+
+    timesteps: tuple[int, ...]
+    mse: np.ndarray
+    vb: np.ndarray
+    variance_fraction: np.ndarray
+    fraction_std: np.ndarray
+    beta: np.ndarray
+    posterior_variance: np.ndarray
+    model_variance: np.ndarray
+
+
+@torch.no_grad()
+def timestep_profile(model: TrainedModel, images: torch.Tensor, timesteps, category: str | None = None,
+                     seed: int = 0) -> TimestepProfile:
+    """Loss terms and learned variance of ``model`` on ``images`` (N, 3, H, W) in [0, 1] at each t."""
+    images = _check_image_batch(images)
+    size = model.preset.image_size
+    if tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(f"images are {tuple(images.shape[-2:])} but the model was trained at {size}x{size}")
+    diffusion = build_diffusion(model.preset)
+    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
+    unet = model.unet.eval()
+    device = next(unet.parameters()).device
+    x0 = to_diffusion_range(images.float()).to(device)
+    n = len(x0)
+    generator = torch.Generator().manual_seed(seed)
+    columns = {k: [] for k in ("mse", "vb", "fraction", "fraction_std", "log_variance")}
+    for t_value in timesteps:
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.full((n,), t_value, dtype=torch.long, device=device)
+        x_t = diffusion.q_sample(x0, t, noise=noise)
+        output = unet(x_t, diffusion.model_timesteps(t), **model.unet_kwargs(category, n, device)).float()
+        losses = diffusion.training_losses_from_output(output, x0, x_t, t, noise)
+        fraction = (output[:, x0.shape[1]:] + 1) / 2  # v in [-1, 1] -> [0, 1], as the diffusion reads it
+        log_variance = diffusion.p_mean_variance_from_output(output, x_t, t)["log_variance"]
+        columns["mse"].append(losses["mse"].mean().item())
+        columns["vb"].append(losses["vb"].mean().item())
+        columns["fraction"].append(fraction.mean().item())
+        columns["fraction_std"].append(fraction.std().item())
+        columns["log_variance"].append(log_variance.mean().item())
+    index = np.asarray(timesteps)
+    return TimestepProfile(
+        timesteps, np.array(columns["mse"]), np.array(columns["vb"]), np.array(columns["fraction"]),
+        np.array(columns["fraction_std"]), diffusion.betas[index], diffusion.posterior_variance[index],
+        np.exp(np.array(columns["log_variance"])))
+
+
+@torch.no_grad()
+def feature_prediction(model: TrainedModel, images: torch.Tensor, t: int, category: str | None = None,
+                       seed: int = 0, extractor=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The feature head's prediction from x_t against the backbone's features of the clean image.
+
+    ``images`` (N, 3, H, W) in [0, 1] are noised once to step ``t`` of the scoring schedule (the
+    preset's ``timestep_respacing``, as in :func:`diffad.scoring.score_raw`). Returns the target
+    features (N, C, h, w) (standardised as the head was trained), the prediction (N, C, h, w) and
+    the channel-mean squared error (N, h, w), all on the CPU. ``extractor`` defaults to the
+    preset's backbone (:func:`diffad.train.build_feature_extractor`).
+    """
+    images = _check_image_batch(images).float()
+    size = model.preset.image_size
+    if tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(f"images are {tuple(images.shape[-2:])} but the model was trained at {size}x{size}")
+    diffusion = build_diffusion(model.preset, model.preset.timestep_respacing)
+    (t,) = _check_timesteps((t,), diffusion.num_timesteps)
+    unet = model.unet.eval()
+    device = next(unet.parameters()).device
+    extractor = extractor if extractor is not None else build_feature_extractor(model.preset, device)
+    x0 = to_diffusion_range(images).to(device)
+    target = model.feature_target(extractor(x0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    steps = torch.full((len(x0),), t, dtype=torch.long, device=device)
+    x_t = diffusion.q_sample(x0, steps, noise=noise)
+    _, predicted = unet(x_t, diffusion.model_timesteps(steps), return_features=True,
+                        **model.unet_kwargs(category, len(x0), device))
+    predicted = predicted.float()
+    if predicted.shape != target.shape:
+        raise ValueError(f"the feature head predicts {tuple(predicted.shape)} but the extractor gives "
+                         f"{tuple(target.shape)}: use the model's own backbone")
+    return target.cpu(), predicted.cpu(), (predicted - target).pow(2).mean(dim=1).cpu()
+
+
+def largest_defect(data, kind: str) -> int:
+    """Index of the test image of defect type ``kind`` whose mask is largest (the clearest example).
+
+    ``data`` has ``defect_types`` (one name per test image) and ``test_masks`` (N, H, W).
+    """
+    indices = [i for i, name in enumerate(data.defect_types) if name == kind]
+    if not indices or kind == "good":
+        known = sorted(set(data.defect_types) - {"good"})
+        raise ValueError(f"no test image of defect type {kind!r}; the defect types are {known}")
+    return max(indices, key=lambda i: float(data.test_masks[i].sum()))
+
+
+def defect_type_metrics(data, maps: dict, metric: str = "pixel_auroc") -> list[dict]:
+    """``metric`` of each map per defect type: one row per type, one column per map.
+
+    Each row scores the test images of that defect type together with all good test images
+    (their normal pixels count as negatives), as MVTec-style per-type breakdowns do. ``data``
+    has ``test_masks`` (N, H, W), ``defect_types`` (N names, ``"good"`` for normal images);
+    ``maps`` maps a name to (N, H, W) maps. Rows hold ``defect_type``, ``images`` and a value per map.
+    """
+    if metric not in DEFECT_METRICS:
+        raise ValueError(f"metric must be one of {sorted(DEFECT_METRICS)}, got {metric!r}")
+    types = np.asarray(data.defect_types)
+    masks = torch.as_tensor(data.test_masks)
+    for name, values in maps.items():
+        if tuple(values.shape) != tuple(masks.shape):
+            raise ValueError(f"map {name!r} has shape {tuple(values.shape)}, masks {tuple(masks.shape)}")
+    good = types == "good"
+    rows = []
+    for defect in [t for t in dict.fromkeys(types) if t != "good"]:
+        chosen = torch.as_tensor(np.nonzero((types == defect) | good)[0])
+        row = {"defect_type": str(defect), "images": int((types == defect).sum())}
+        for name, values in maps.items():
+            row[name] = DEFECT_METRICS[metric](masks[chosen], torch.as_tensor(values)[chosen])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
+    """Rows of dicts as a markdown table (floats rounded to ``digits``), for ``IPython.display.Markdown``."""
+    if not rows:
+        raise ValueError("markdown_table needs at least one row")
+    columns = list(columns or rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.{digits}f}" if isinstance(row[c], (float, np.floating)) else str(row[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

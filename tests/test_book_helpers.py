@@ -1,0 +1,63 @@
+"""diffad.book: the model cache, the no-training guard and the scored-maps cache the chapters share."""
+
+import copy
+
+import pytest
+import torch
+
+from diffad import book
+from diffad.ablations import rescored
+from diffad.evaluate import CategoryData
+from diffad.presets import get_preset
+
+
+@pytest.fixture()
+def ctx(tiny_builtin, tiny_preset, tmp_path):
+    return book.setup(tiny_preset, data_root=tiny_builtin, cache=tmp_path / "cache", device="cpu")
+
+
+def test_setup_names_the_preset_data_and_cache(ctx, tiny_builtin, tmp_path):
+    assert ctx.categories == ["brick", "nut"]
+    assert ctx.data_root == tiny_builtin and ctx.cache == (tmp_path / "cache").resolve()
+    assert "2 categories: brick, nut" in str(ctx)
+
+
+def test_paper_preset_without_mvtec_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFAD_MVTEC", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="DIFFAD_MVTEC"):
+        book.setup("paper", cache=tmp_path)
+
+
+def test_no_training_when_not_allowed(ctx):
+    with pytest.raises(RuntimeError, match="none ships with diffad") as error:
+        book.trained_model(ctx, "brick", progress=False, allow_training=False)
+    assert "python -m diffad train" in str(error.value)
+    assert not book.model_folder(ctx, ["brick"]).exists()
+
+
+def test_trained_once_then_served_from_the_cache(ctx):
+    first = book.trained_model(ctx, "brick", progress=False)
+    again = book.trained_model(ctx, "brick", progress=False, allow_training=False)  # cached now: no error
+    for a, b in zip(first.unet.state_dict().values(), again.unet.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_shipped_cpu_checkpoints_are_listed():
+    assert {"brick", "capsule", "grass", "gravel", "nut"} <= book.shipped_categories(get_preset("cpu"))
+
+
+def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_model):
+    data = CategoryData.load(ctx.data_root, "brick", tiny_model.preset)
+    raw_test, raw_val = book.scored(ctx, tiny_model, data)
+    files = list((ctx.cache / "scores").glob("*.pt"))
+    assert len(files) == 1 and raw_test.kl.shape[0] == len(data.test_images)
+    assert torch.equal(book.scored(ctx, tiny_model, data)[0].kl, raw_test.kl)  # read back, not rescored
+    key = book.scores_key(tiny_model, data)
+    # scoring-only fields applied after the raw maps share the cache entry
+    assert book.scores_key(rescored(tiny_model, alpha=0.9, smoothing_sigma=0.0), data) == key
+    assert book.scores_key(rescored(tiny_model, test_timesteps=(1, 2)), data) != key
+    assert book.scores_key(tiny_model, data, seed=1) != key
+    retrained = copy.deepcopy(tiny_model)  # other weights, same settings: must not read stale maps
+    with torch.no_grad():
+        next(retrained.unet.parameters()).add_(1e-3)
+    assert book.scores_key(retrained, data) != key
