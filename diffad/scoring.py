@@ -61,6 +61,12 @@ def _noise_for(index: int, seed: int, shape, k: int) -> torch.Tensor:
     return torch.randn((k,) + tuple(shape), generator=generator)
 
 
+# The preset fields score_raw reads that shape the raw per-timestep maps (with image_size); the
+# others (alpha, normalisation, smoothing, top-k) are applied afterwards by anomaly_maps, and the
+# batch size does not change the maps (each image has its own noise).
+RAW_MAP_FIELDS = ("timestep_respacing", "test_timesteps", "timestep_mode")
+
+
 @torch.no_grad()
 def score_raw(
     model: TrainedModel,
