@@ -133,14 +133,18 @@ def training_differences(a: Preset, b: Preset) -> list[str]:
     Compare presets already resolved with ``for_categories``: the overrides table itself is
     then not a difference (a run records the values it used, not the table).
     """
-    da, db = a.to_dict(), b.to_dict()
-    return [k for k in da if k not in SCORING_FIELDS and k != "category_overrides" and da[k] != db[k]]
+    da, db = training_fields(a), training_fields(b)
+    return [k for k in da if da[k] != db[k]]
+
+
+def training_fields(preset: Preset) -> dict[str, Any]:
+    """The fields that change what training produces, by name (resolve ``for_categories`` first)."""
+    return {k: v for k, v in preset.to_dict().items() if k not in SCORING_FIELDS and k != "category_overrides"}
 
 
 def training_fingerprint(preset: Preset) -> str:
-    """A short hash of the fields that change what training produces (resolve ``for_categories`` first)."""
-    fields = {k: v for k, v in preset.to_dict().items() if k not in SCORING_FIELDS and k != "category_overrides"}
-    return hashlib.sha1(repr(sorted(fields.items())).encode()).hexdigest()[:8]
+    """A short hash of :func:`training_fields`, to name a run's folder by its training settings."""
+    return hashlib.sha1(repr(sorted(training_fields(preset).items())).encode()).hexdigest()[:8]
 
 
 PAPER = Preset(
