@@ -1,6 +1,7 @@
-"""Command line: ``python -m diffad train | evaluate | reproduce | builtin``.
+"""Command line: ``python -m diffad train | evaluate | reproduce | plan | builtin``.
 
     python -m diffad builtin data/builtin
+    python -m diffad plan --preset paper --gpu-memory 15 --compute-capability 7.5
     python -m diffad train --data-root data/builtin --category brick --out runs/brick
     python -m diffad evaluate --data-root data/builtin --category brick --model runs/brick
     python -m diffad reproduce --data-root data/builtin --preset cpu --out runs/cpu
@@ -52,6 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=256)
 
+    p = sub.add_parser("plan", help="how training would run on a GPU (this one, or one described): precision, "
+                                     "gradient checkpointing, EMA, estimated peak memory and time")
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a preset field")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a GPU with this memory")
+    p.add_argument("--compute-capability", type=str, default=None, metavar="X.Y", help="e.g. 7.5 for a T4")
+    p.add_argument("--categories", type=int, default=1, help="classes of a unified model (1: one category)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = sub.add_parser("train", help="train (or resume) a model")
     common(p, needs_category=True)
     p.add_argument("--out", required=True, type=Path)
@@ -79,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = parse_overrides(args.set)
     try:
+        if args.command == "plan":
+            return _plan(args, overrides)
         if args.command == "train":
             from diffad.train import fit
 
@@ -104,7 +116,29 @@ def main(argv: list[str] | None = None) -> int:
                       baselines=not args.no_baselines, figures=not args.no_figures, device=args.device, **overrides)
             print((args.out / "table1.md").read_text())
             print(f"results in {args.out / 'results.csv'}")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OSError) as exc:
         print(f"diffad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _plan(args, overrides: dict) -> int:
+    import json
+
+    from diffad.presets import get_preset
+    from diffad.train import plan_training
+
+    capability = None
+    if args.compute_capability is not None:
+        try:
+            capability = tuple(int(x) for x in args.compute_capability.split("."))
+        except ValueError:
+            raise ValueError(f"--compute-capability takes X.Y, e.g. 7.5; got {args.compute_capability!r}") from None
+    preset = get_preset(args.preset, **overrides)
+    plan = plan_training(preset, memory_gib=args.gpu_memory, compute_capability=capability,
+                         num_classes=args.categories)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1, default=str))
+    else:
+        print(plan.describe())
+    return 0 if plan.fits is not False else 3

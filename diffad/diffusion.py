@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 __all__ = [
     "ModelMeanType",
@@ -424,7 +425,7 @@ class GaussianDiffusion:
             t = torch.full((batch_size,), int(t), dtype=torch.long, device=device)
         else:
             raise ValueError(f"timesteps must be an int or an integer tensor, got {type(t).__name__}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        if t.numel() and has_values(t) and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(
                 f"timesteps must lie in [0, {self.num_timesteps - 1}], got {int(t.min())}..{int(t.max())}"
             )
@@ -844,6 +845,11 @@ def create_diffusion(**kwargs) -> GaussianDiffusion:
 # --------------------------------------------------------------------------------------
 # Private helpers
 # --------------------------------------------------------------------------------------
+
+
+def has_values(tensor: torch.Tensor) -> bool:
+    """False for tensors without data (meta, or fake ones used to plan memory): skip value checks."""
+    return tensor.device.type != "meta" and not isinstance(tensor, FakeTensor)
 
 
 def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ A preset is a dataclass: print it to see every setting, override any field by na
     >>> p = get_preset("cpu", train_steps=100)
     >>> print(p)
 
-``paper`` is the authors' setting (METHOD.md): 256 px, the guided-diffusion 256x256 ADM UNet,
-batch 2, 10k steps, lr 1e-4 annealed linearly, EMA 0.997, feature-loss weight 1,
+``paper`` is the paper's setting, read consistently (METHOD.md): 256 px, the guided-diffusion
+256x256 ADM UNet fine-tuned from OpenAI's ImageNet ``256x256_diffusion`` checkpoint, batch 2, 10k steps, lr 1e-4 annealed linearly, EMA 0.997, feature-loss weight 1,
 EfficientNet-b4 features, test timesteps {5, 50, 100} of a 250-step respacing, alpha 0.5.
 ``cpu`` is the same code path at a size that trains one category in minutes on 2 CPU cores;
 its numbers were chosen by measurement (see the presets' docstrings in ``PRESETS``).
@@ -33,7 +33,9 @@ class Preset:
     unet: str = "paper"  # a named UNet config of diffad.models
     unet_overrides: dict[str, Any] = field(default_factory=dict)
     class_cond: bool = True  # condition on the category index (the authors do, even per category)
-    init_checkpoint: str | None = None  # guided-diffusion state dict to start from
+    # guided-diffusion weights to start from: a file, or the name of one of OpenAI's checkpoints
+    # ("256x256_diffusion"), downloaded once into the cache (diffad.models.resolve_init_checkpoint)
+    init_checkpoint: str | None = None
     # diffusion
     diffusion_steps: int = 1000
     noise_schedule: str = "linear"
@@ -54,7 +56,10 @@ class Preset:
     max_train_timestep: int | None = None  # sample t below this only (None: all T steps)
     checkpoint_every: int = 1000
     precompute_features: bool = False  # cache the clean images' backbone features once
-    mixed_precision: bool = True  # bf16/fp16 autocast and channels-last on CUDA only
+    # how the step runs on the device (diffad.train.plan_training; "auto" or None: chosen to fit)
+    precision: str = "auto"  # "auto" (bf16 from compute capability 8.0, fp16 + GradScaler below, fp32 on CPU) or one of "fp32", "fp16", "bf16"
+    gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only when needed to fit
+    ema_device: str = "auto"  # where the EMA copy lives: "auto" (on the device when it fits), "device" or "cpu"
     seed: int = 0
     # scoring
     timestep_respacing: str = "250"
@@ -137,9 +142,15 @@ def training_differences(a: Preset, b: Preset) -> list[str]:
     return [k for k in da if da[k] != db[k]]
 
 
+# Fields that change how a training step runs on a device, not what it learns: a run may resume on
+# another GPU (a Colab T4 one day, an A100 the next) with other values.
+RUNTIME_FIELDS = frozenset({"precision", "gradient_checkpointing", "ema_device"})
+
+
 def training_fields(preset: Preset) -> dict[str, Any]:
     """The fields that change what training produces, by name (resolve ``for_categories`` first)."""
-    return {k: v for k, v in preset.to_dict().items() if k not in SCORING_FIELDS and k != "category_overrides"}
+    return {k: v for k, v in preset.to_dict().items()
+            if k not in SCORING_FIELDS and k not in RUNTIME_FIELDS and k != "category_overrides"}
 
 
 def training_fingerprint(preset: Preset) -> str:
@@ -152,6 +163,7 @@ PAPER = Preset(
     image_size=256,
     unet="paper",
     class_cond=True,
+    init_checkpoint="256x256_diffusion",  # the authors fine-tune OpenAI's ImageNet model (train.sh --resume_checkpoint)
     backbone="tf_efficientnet_b4.aa_in1k",  # the TF AutoAugment weights the authors loaded
     batch_size=2,
     train_steps=10_000,

@@ -15,32 +15,31 @@ weights as one that was not.
 from __future__ import annotations
 
 import copy
-import os
+import dataclasses
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from diffad.backbones import FeatureExtractor
 from diffad.data import MVTecAD, to_diffusion_range
+from diffad.device import (CUDA_BLOCK_BYTES, GIB, Accelerator, PeakMemory, Precision, accelerator_of,
+                           choose_precision, pick_device)
 from diffad.diffusion import GaussianDiffusion
-from diffad.models import create_unet, load_guided_diffusion_checkpoint
+from diffad.io import atomic_save, load_torch_file
+from diffad.models import create_unet, load_guided_diffusion_checkpoint, resolve_init_checkpoint
 from diffad.presets import Preset, get_preset, training_differences
+
+__all__ = ["fit", "training_step", "plan_training", "TrainingPlan", "TrainedModel", "pick_device", "atomic_save"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
-
-
-def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, else CUDA when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -82,14 +81,21 @@ def build_feature_extractor(preset: Preset, device=None, pretrained: bool = True
     return extractor.to(pick_device(device))
 
 
-def build_unet(preset: Preset, feature_channels: int, num_classes: int | None):
-    """The ADM UNet of a preset, with a feature head of ``feature_channels`` outputs."""
+def build_unet(preset: Preset, feature_channels: int, num_classes: int | None, gradient_checkpointing: bool = False):
+    """The ADM UNet of a preset, with a feature head of ``feature_channels`` outputs.
+
+    ``gradient_checkpointing`` recomputes each block's activations in the backward pass
+    (non-reentrant, so it is safe under autocast): the same weights and gradients, far less memory.
+    """
+    overrides = dict(preset.unet_overrides)
+    if gradient_checkpointing:
+        overrides["use_checkpoint"] = True
     return create_unet(
         preset.unet,
         image_size=preset.image_size,
         num_classes=num_classes,
         feature_channels=feature_channels,
-        **preset.unet_overrides,
+        **overrides,
     )
 
 
@@ -145,7 +151,7 @@ class TrainedModel:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no trained model at {path}; train one with diffad.train.fit")
-        state = _torch_load(path)
+        state = load_torch_file(path)
         if "unet" not in state or "preset" not in state:
             raise ValueError(f"{path} is not a diffad model file (a training checkpoint? use fit to resume it)")
         preset = Preset.from_dict(state["preset"])
@@ -154,31 +160,6 @@ class TrainedModel:
         unet.to(pick_device(device)).eval()
         return cls(preset, list(state["categories"]), unet, state["feature_channels"], state.get("history", []),
                    state.get("feature_stats"))
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    """torch.save to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
 
 
 def load_training_images(data_root, categories: list[str], preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +217,9 @@ def _set_rng_states(generator: torch.Generator, states: dict) -> None:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * model, parameter by parameter."""
+    """ema <- rate * ema + (1 - rate) * model, parameter by parameter (the EMA may live on the host)."""
     for target, source in zip(ema.parameters(), model.parameters()):
-        target.lerp_(source.detach(), 1.0 - rate)
+        target.lerp_(source.detach().to(target.device), 1.0 - rate)
 
 
 def ema_rate_at(step: int, rate: float) -> float:
@@ -251,6 +232,247 @@ def lr_at(step: int, preset: Preset) -> float:
     if preset.lr_anneal_steps <= 0:
         return preset.lr
     return preset.lr * max(0.0, 1.0 - step / preset.lr_anneal_steps)
+
+
+def make_optimizer(unet: torch.nn.Module, preset: Preset, device_type: str) -> torch.optim.AdamW:
+    """AdamW; on a GPU the fused kernel, which updates in place without a temporary copy of the
+    weights (the for-each kernel's copy is 2 GiB for the paper model)."""
+    return torch.optim.AdamW(unet.parameters(), lr=preset.lr, weight_decay=preset.weight_decay,
+                             fused=True if device_type == "cuda" else None)
+
+
+@dataclass
+class Batch:
+    """One training batch on the device: clean images in [-1, 1], timesteps (original steps), noise,
+    the feature head's targets, and class labels (None for an unconditional model)."""
+
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    target: torch.Tensor
+    y: torch.Tensor | None = None
+
+
+def training_step(unet, optimizer, diffusion: GaussianDiffusion, batch: Batch, *, lr: float,
+                  feature_loss_weight: float, grad_clip: float | None, precision: Precision = Precision.FP32,
+                  scaler=None, ema: torch.nn.Module | None = None, ema_rate: float = 0.0,
+                  channels_last: bool = False, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """One optimisation step: noise x0 to x_t, one UNet pass, hybrid + feature loss, AdamW, EMA.
+
+    ``precision`` sets the autocast dtype of the UNet's pass (the losses are computed in fp32);
+    ``scaler`` (a ``torch.amp.GradScaler``, for fp16) scales the loss and skips steps whose
+    gradients overflowed. Returns the step's losses as 0-d tensors (no host synchronisation), so
+    :func:`fit`, the benchmarks and the memory plan (on fake tensors) run exactly this code.
+    """
+    x_t = diffusion.q_sample(batch.x0, batch.t, noise=batch.noise)
+    if channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    dtype = precision.autocast_dtype
+    with torch.autocast(batch.x0.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        output, features = unet(x_t, batch.t, y=batch.y, return_features=True)
+    losses = diffusion.training_losses_from_output(output.float(), batch.x0, x_t, batch.t, batch.noise)
+    feature_loss = F.mse_loss(features.float(), batch.target)
+    loss = losses["loss"].mean() + feature_loss_weight * feature_loss
+    if check_finite and not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {loss.item()}; lower lr (now {lr:g})")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if ema is not None:
+        update_ema(ema, unet, ema_rate)
+    return {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach(),
+            "feature": feature_loss.detach()}
+
+
+def draw_batch(generator: torch.Generator, n_images: int, batch_size: int, max_t: int, image_shape) -> tuple:
+    """Indices of the batch's images, its timesteps and its noise, all from ``generator`` (on the CPU)."""
+    idx = torch.randint(n_images, (batch_size,), generator=generator)
+    t = torch.randint(max_t, (batch_size,), generator=generator)
+    noise = torch.randn((batch_size, *image_shape), generator=generator)
+    return idx, t, noise
+
+
+# What share of a chip's peak FLOP/s a training step of this UNet reaches: an assumption for the
+# plan's time estimate, to be replaced by the figure benchmarks/gpu_check.py measures.
+ASSUMED_UTILISATION = 0.35
+# Left free on a GPU for the CUDA context, cuDNN workspaces and the allocator's fragmentation.
+GPU_RESERVE_BYTES = GIB
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a training step runs on a device, chosen to fit, with its estimated memory and time."""
+
+    preset: Preset
+    device: str  # "cuda" or "cpu"
+    accelerator: Accelerator | None
+    precision: Precision
+    gradient_checkpointing: bool
+    ema_device: str  # "device" or "cpu"
+    peak_bytes: int | None = None  # estimated peak of one training step (None: not estimated)
+    flops_per_step: int | None = None
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device == "cuda" and self.precision is not Precision.FP32
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.accelerator is None else self.accelerator.memory_bytes - GPU_RESERVE_BYTES
+
+    @property
+    def fits(self) -> bool | None:
+        if self.peak_bytes is None or self.budget_bytes is None:
+            return None
+        return self.peak_bytes <= self.budget_bytes
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        peak = self.accelerator.peak_flops_for(self.precision) if self.accelerator else None
+        if not peak or not self.flops_per_step:
+            return None
+        return self.flops_per_step / (peak * ASSUMED_UTILISATION)
+
+    def describe(self) -> str:
+        """One line, e.g. ``T4 15.0 GiB sm_75: fp16 autocast + GradScaler, gradient checkpointing, EMA on
+        the device; est. peak 11.3 of 14.0 GiB; est. 0.8 s/step, 2.2 h for 10000 steps``."""
+        acc = self.accelerator
+        where = "cpu" if acc is None else (f"{acc.name} {acc.memory_gib:.1f} GiB "
+                                           f"sm_{acc.compute_capability[0]}{acc.compute_capability[1]}")
+        precision = "fp32" if self.precision is Precision.FP32 else f"{self.precision.value} autocast"
+        if self.precision.needs_grad_scaler:
+            precision += " + GradScaler"
+        parts = [precision, "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"]
+        if self.device == "cuda":
+            parts.append("EMA on the GPU" if self.ema_device == "device" else "EMA on the host")
+        line = f"{where}: {', '.join(parts)}"
+        if self.peak_bytes is not None:
+            line += f"; est. peak {self.peak_bytes / GIB:.1f} GiB"
+            if self.budget_bytes is not None:
+                line += f" of {self.budget_bytes / GIB:.1f} GiB" + ("" if self.fits else " (does NOT fit)")
+        if self.seconds_per_step is not None:
+            hours = self.seconds_per_step * self.preset.train_steps / 3600
+            line += f"; est. {self.seconds_per_step:.2f} s/step, {hours:.1f} h for {self.preset.train_steps} steps"
+        return line
+
+    def to_json(self) -> dict:
+        acc = self.accelerator
+        return {
+            "preset": self.preset.replace(precision=self.precision.value, ema_device=self.ema_device,
+                                          gradient_checkpointing=self.gradient_checkpointing).to_dict(),
+            "device": self.device,
+            "accelerator": None if acc is None else {"name": acc.name, "memory_bytes": acc.memory_bytes,
+                                                     "compute_capability": list(acc.compute_capability)},
+            "precision": self.precision.value, "grad_scaler": self.precision.needs_grad_scaler,
+            "gradient_checkpointing": self.gradient_checkpointing, "ema_device": self.ema_device,
+            "channels_last": self.channels_last, "peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes,
+            "fits": self.fits, "flops_per_step": self.flops_per_step, "seconds_per_step": self.seconds_per_step,
+            "assumed_utilisation": ASSUMED_UTILISATION,
+            "hours_per_category": None if self.seconds_per_step is None
+            else self.seconds_per_step * self.preset.train_steps / 3600,
+            "summary": self.describe(),
+        }
+
+
+def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: float | None = None,
+                  compute_capability: tuple[int, int] | None = None, num_classes: int = 1,
+                  feature_channels: int | None = None, estimate: bool = True) -> TrainingPlan:
+    """The device plan of a training run: precision, gradient checkpointing, where the EMA lives.
+
+    Each choice the preset leaves open ("auto", None) is made here; the rest are kept as forced.
+    On a GPU (the one present, or one described by ``memory_gib`` and ``compute_capability``, e.g.
+    15 and (7, 5) for a Colab T4) the candidates are tried cheapest first (no checkpointing with the
+    EMA on the device, then checkpointing, then the EMA on the host) and the first whose
+    estimated peak fits the memory less 1 GiB is taken. The estimate runs one real
+    :func:`training_step` on fake tensors (:func:`estimate_training_step`): no GPU, no weights.
+    """
+    preset = get_preset(preset)
+    accelerator = accelerator_of(device, memory_gib, compute_capability)
+    device_type = "cpu" if accelerator is None else "cuda"
+    precision = choose_precision(preset.precision, device_type,
+                                 accelerator.compute_capability if accelerator else None)
+    if preset.ema_device not in ("auto", "device", "cpu"):
+        raise ValueError(f"ema_device must be 'auto', 'device' or 'cpu', got {preset.ema_device!r}")
+    checkpointing = [False, True] if preset.gradient_checkpointing is None else [bool(preset.gradient_checkpointing)]
+    ema_places = ["device", "cpu"] if preset.ema_device == "auto" else [preset.ema_device]
+    candidates = [(c, e) for e in ema_places for c in checkpointing]
+    if device_type == "cpu":
+        candidates = candidates[:1]
+    if feature_channels is None:
+        feature_channels = FeatureExtractor(preset.backbone, layers=preset.backbone_layers, pretrained=False).out_channels
+    plan = None
+    for gradient_checkpointing, ema_device in candidates:
+        plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device)
+        if not estimate:
+            return plan
+        peak, _ = estimate_training_step(plan, feature_channels, num_classes)
+        plan = dataclasses.replace(plan, peak_bytes=peak)
+        if plan.fits is not False:
+            break
+    _, flops = estimate_training_step(plan, feature_channels, num_classes, count_flops=True)
+    return dataclasses.replace(plan, flops_per_step=flops)
+
+
+def estimate_training_step(plan: TrainingPlan, feature_channels: int, num_classes: int = 1,
+                           count_flops: bool = False) -> tuple[int, int | None]:
+    """Peak bytes on the device, and FLOPs (``count_flops``), of one steady-state :func:`training_step`.
+
+    Runs on fake tensors (``FakeTensorMode``): the optimizer's state is made as a first step
+    would make it, then one step is measured with :class:`diffad.device.PeakMemory` (weights, gradients, AdamW state,
+    activations, temporaries, the EMA where it lives on the device, the backbone and its
+    features when they are computed per batch) and counted with ``FlopCounterMode``. CPU autocast
+    stands in for CUDA's (same dtype; its cast lists differ in minor ops); the GradScaler is left
+    out (its state is a few scalars, and its overflow check needs real values).
+    """
+    preset = plan.preset
+    with FakeTensorMode():
+        unet = build_unet(preset, feature_channels, num_classes if preset.class_cond else None,
+                          plan.gradient_checkpointing)
+        ema = None  # a second build, not a deepcopy (which would make its own fake mode)
+        if plan.ema_device == "device":
+            ema = build_unet(preset, feature_channels, num_classes if preset.class_cond else None).requires_grad_(False)
+        extractor = None if preset.precompute_features else build_feature_extractor(preset, "cpu", pretrained=False)
+        optimizer = make_optimizer(unet, preset, plan.device)
+        diffusion = build_diffusion(preset)
+        kwargs = dict(lr=preset.lr, feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
+                      precision=plan.precision, ema=ema, ema_rate=preset.ema_rate, check_finite=False)
+
+        def fake_batch() -> Batch:
+            b, size, grid = preset.batch_size, preset.image_size, preset.image_size // 4
+            x0 = torch.rand(b, 3, size, size) * 2 - 1
+            with torch.no_grad():
+                target = extractor(x0) if extractor is not None else torch.randn(b, feature_channels, grid, grid)
+            y = torch.zeros(b, dtype=torch.long) if preset.class_cond else None
+            return Batch(x0, torch.randint(preset.diffusion_steps, (b,)), torch.randn_like(x0), target, y)
+
+        unet.train()
+        for param in unet.parameters():  # AdamW's state, as after a first step
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        block = CUDA_BLOCK_BYTES if plan.device == "cuda" else 1
+        with PeakMemory(block) as memory:
+            memory.track(unet, optimizer, *([ema] if ema is not None else []),
+                         *([extractor] if extractor is not None else []))
+            training_step(unet, optimizer, diffusion, fake_batch(), **kwargs)
+        flops = None
+        if count_flops:  # a step of its own: the counter keeps what checkpointing would free
+            with FlopCounterMode(display=False) as counter:
+                training_step(unet, optimizer, diffusion, fake_batch(), **kwargs)
+            flops = counter.get_total_flops()
+    return memory.peak_bytes, flops
 
 
 def fit(
@@ -269,6 +491,8 @@ def fit(
     weights) at the end; a finished ``model.pt`` is loaded instead of retraining, a checkpoint
     resumed. Several categories train one unified, class-conditional model. ``stop_after``
     ends the run early after that many steps in this call (for demonstrations and tests of resume).
+    Before training, the device plan (precision, gradient checkpointing, where the EMA lives,
+    estimated peak memory on a GPU) is printed.
     """
     categories = [categories] if isinstance(categories, str) else list(categories)
     if not categories:
@@ -276,99 +500,115 @@ def fit(
     preset = get_preset(preset, **overrides).for_categories(categories)
     if len(categories) > 1 and not preset.class_cond:
         preset = preset.replace(class_cond=True)  # one model for several categories needs the label
-    out_dir = Path(out_dir)
-    device = pick_device(device)
+    out_dir, device = Path(out_dir), pick_device(device)
     model_path, ckpt_path = out_dir / MODEL_NAME, out_dir / CHECKPOINT_NAME
     if model_path.is_file():
         trained = TrainedModel.load(model_path, device)
         _check_same_run(trained.preset, trained.categories, preset, categories, model_path)
         trained.preset = preset  # same training; the scoring settings asked for now
         return trained
-
-    torch.manual_seed(preset.seed)
-    generator = torch.Generator().manual_seed(preset.seed)
-    images, labels = load_training_images(data_root, categories, preset)
-    extractor = build_feature_extractor(preset, device)
-    num_classes = len(categories) if preset.class_cond else None
-    unet = build_unet(preset, extractor.out_channels, num_classes)
-    if preset.init_checkpoint:
-        load_guided_diffusion_checkpoint(unet, preset.init_checkpoint)
-    unet.to(device)
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
-    diffusion = build_diffusion(preset)
-    targets = compute_features(extractor, images) if preset.precompute_features else None
-    stats = None
-    if preset.standardize_features:
-        stats = feature_statistics(targets if targets is not None else compute_features(extractor, images))
-        targets = standardize(targets, stats) if targets is not None else None
-    use_cuda = device.type == "cuda"
-    if use_cuda and preset.mixed_precision:
-        unet.to(memory_format=torch.channels_last)
-    amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else torch.float16
-
-    step, history = 0, []
+    state = None
     if ckpt_path.is_file():
-        state = _torch_load(ckpt_path)
+        state = load_torch_file(ckpt_path)
         _check_same_run(Preset.from_dict(state["preset"]), state["categories"], preset, categories, ckpt_path)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
-        _set_rng_states(generator, state["rng"])
-
-    def save_checkpoint():
-        atomic_save({
-            "preset": preset.to_dict(), "categories": categories, "step": step, "history": history,
-            "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": _rng_states(generator),
-        }, ckpt_path)
-
-    max_t = min(preset.max_train_timestep or diffusion.num_timesteps, diffusion.num_timesteps)
-    end = preset.train_steps if stop_after is None else min(preset.train_steps, step + stop_after)
-    bar = tqdm(total=preset.train_steps, initial=step, desc=f"train {'+'.join(categories)}",
-               disable=not progress, leave=False)
-    unet.train()
-    while step < end:
-        idx = torch.randint(len(images), (preset.batch_size,), generator=generator)
-        t = torch.randint(max_t, (preset.batch_size,), generator=generator)
-        noise = torch.randn(images[idx].shape, generator=generator)
-        x0, noise, t = images[idx].to(device), noise.to(device), t.to(device)
-        y = labels[idx].to(device) if num_classes else None
-        with torch.no_grad():
-            target = targets[idx].to(device) if targets is not None else standardize(extractor(x0), stats)
-        x_t = diffusion.q_sample(x0, t, noise=noise)
-        if use_cuda and preset.mixed_precision:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, preset)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and preset.mixed_precision):
-            output, features = unet(x_t, t, y=y, return_features=True)
-        losses = diffusion.training_losses_from_output(output.float(), x0, x_t, t, noise)
-        feature_loss = F.mse_loss(features.float(), target)
-        loss = losses["loss"].mean() + preset.feature_loss_weight * feature_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower lr (now {lr_at(step, preset):g})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if preset.grad_clip:
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), preset.grad_clip)
-        optimizer.step()
-        update_ema(ema, unet, ema_rate_at(step, preset.ema_rate))
-        step += 1
-        record = {"step": step, "loss": loss.item(), "mse": losses["mse"].mean().item(),
-                  "vb": losses["vb"].mean().item(), "feature": feature_loss.item()}
-        history.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", feat=f"{record['feature']:.4f}")
-        if step % preset.checkpoint_every == 0 or step == end:
-            save_checkpoint()
-    bar.close()
-    ema.eval()
-    trained = TrainedModel(preset, categories, ema, extractor.out_channels, history, stats)
-    if step >= preset.train_steps:
+    init = resolve_init_checkpoint(preset.init_checkpoint) if state is None else None  # fails fast offline
+    run = _TrainingRun.start(data_root, categories, preset, device, init, progress)
+    if state is not None:
+        run.restore(state)
+    run.train(preset.train_steps if stop_after is None else min(preset.train_steps, run.step + stop_after),
+              ckpt_path, progress)
+    trained = TrainedModel(preset, categories, run.ema, run.extractor.out_channels, run.history, run.stats)
+    if run.step >= preset.train_steps:
         trained.save(model_path)
     return trained
+
+
+class _TrainingRun:
+    """The state of one training run (models, optimizer, data, random streams) and its loop."""
+
+    @classmethod
+    def start(cls, data_root, categories, preset: Preset, device: torch.device, init, progress: bool):
+        self = cls()
+        self.preset, self.categories, self.device = preset, categories, device
+        torch.manual_seed(preset.seed)
+        self.generator = torch.Generator().manual_seed(preset.seed)
+        self.images, self.labels = load_training_images(data_root, categories, preset)
+        self.extractor = build_feature_extractor(preset, device)
+        self.num_classes = len(categories) if preset.class_cond else None
+        self.plan = plan_training(preset, device, num_classes=self.num_classes or 1,
+                                  feature_channels=self.extractor.out_channels, estimate=device.type == "cuda")
+        if progress:
+            print(f"train {'+'.join(categories)}: {self.plan.describe()}")
+        self.unet = build_unet(preset, self.extractor.out_channels, self.num_classes, self.plan.gradient_checkpointing)
+        if init is not None:
+            load_guided_diffusion_checkpoint(self.unet, init)
+        self.unet.to(device)
+        ema_device = device if self.plan.ema_device == "device" else torch.device("cpu")
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False).to(ema_device)
+        self.optimizer = make_optimizer(self.unet, preset, device.type)
+        self.scaler = torch.amp.GradScaler(device.type) if self.plan.precision.needs_grad_scaler else None
+        if self.plan.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.diffusion = build_diffusion(preset)
+        self.targets = compute_features(self.extractor, self.images) if preset.precompute_features else None
+        self.stats = None
+        if preset.standardize_features:
+            features = self.targets if self.targets is not None else compute_features(self.extractor, self.images)
+            self.stats = feature_statistics(features)
+            self.targets = standardize(self.targets, self.stats) if self.targets is not None else None
+        self.step, self.history = 0, []
+        return self
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint: weights, EMA, optimizer, loss scale, step, history, random streams."""
+        self.unet.load_state_dict(state["unet"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], state["history"]
+        _set_rng_states(self.generator, state["rng"])
+
+    def save(self, path: Path) -> None:
+        atomic_save({
+            "preset": self.preset.to_dict(), "categories": self.categories, "step": self.step,
+            "history": self.history, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "rng": _rng_states(self.generator),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }, path)
+
+    def next_batch(self) -> Batch:
+        """The next batch from the run's random stream, moved to the device."""
+        max_t = min(self.preset.max_train_timestep or self.diffusion.num_timesteps, self.diffusion.num_timesteps)
+        idx, t, noise = draw_batch(self.generator, len(self.images), self.preset.batch_size, max_t,
+                                   self.images.shape[1:])
+        x0 = self.images[idx].to(self.device)
+        with torch.no_grad():
+            target = (self.targets[idx].to(self.device) if self.targets is not None
+                      else standardize(self.extractor(x0), self.stats))
+        y = self.labels[idx].to(self.device) if self.num_classes else None
+        return Batch(x0, t.to(self.device), noise.to(self.device), target, y)
+
+    def train(self, end: int, ckpt_path: Path, progress: bool) -> None:
+        preset = self.preset
+        bar = tqdm(total=preset.train_steps, initial=self.step, desc=f"train {'+'.join(self.categories)}",
+                   disable=not progress, leave=False)
+        self.unet.train()
+        while self.step < end:
+            losses = training_step(
+                self.unet, self.optimizer, self.diffusion, self.next_batch(), lr=lr_at(self.step, preset),
+                feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
+                precision=self.plan.precision, scaler=self.scaler, ema=self.ema,
+                ema_rate=ema_rate_at(self.step, preset.ema_rate), channels_last=self.plan.channels_last)
+            self.step += 1
+            record = {"step": self.step, **{k: v.item() for k, v in losses.items()}}
+            self.history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", feat=f"{record['feature']:.4f}")
+            if self.step % preset.checkpoint_every == 0 or self.step == end:
+                self.save(ckpt_path)
+        bar.close()
+        self.ema.to(self.device).eval()
 
 
 def _check_same_run(saved: Preset, saved_categories, preset: Preset, categories, path: Path) -> None:

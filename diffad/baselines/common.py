@@ -1,6 +1,6 @@
-"""What SPADE and PaDiM share: the frozen backbone, input checks, maps at image size.
+"""What SPADE, PaDiM and PatchCore share: the frozen backbone, input checks, maps at image size.
 
-Both baselines take images in [0, 1] like :class:`diffad.data.MVTecAD` returns them and
+The baselines take images in [0, 1] like :class:`diffad.data.MVTecAD` returns them and
 convert them to the backbone's [-1, 1] input with :func:`diffad.data.to_diffusion_range`.
 """
 
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from diffad.backbones import FeatureExtractor
 from diffad.data import to_diffusion_range
 from diffad.scoring import smooth
-from diffad.train import pick_device
+from diffad.device import pick_device
 
-# The PaDiM and SPADE papers blur their maps with sigma 4 at 256x256 (224 crops).
+# The PaDiM, SPADE and PatchCore papers blur their maps with sigma 4 at 256x256 (224 crops).
 PAPER_SMOOTHING_SIGMA = 4.0
 PAPER_IMAGE_SIZE = 256
 

@@ -2,9 +2,11 @@
 
 from diffad.models.checkpoint import (
     GUIDED_DIFFUSION_URLS,
+    MissingInitCheckpoint,
     download_guided_diffusion_checkpoint,
     load_guided_diffusion_checkpoint,
     read_state_dict,
+    resolve_init_checkpoint,
 )
 from diffad.models.unet import (
     UNET_CONFIGS,
@@ -30,4 +32,6 @@ __all__ = [
     "load_guided_diffusion_checkpoint",
     "download_guided_diffusion_checkpoint",
     "read_state_dict",
+    "resolve_init_checkpoint",
+    "MissingInitCheckpoint",
 ]

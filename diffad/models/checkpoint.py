@@ -7,6 +7,7 @@ therefore strict on every key and shape except those two, and reports what it sk
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Mapping
 
@@ -17,6 +18,8 @@ __all__ = [
     "GUIDED_DIFFUSION_URLS",
     "load_guided_diffusion_checkpoint",
     "download_guided_diffusion_checkpoint",
+    "resolve_init_checkpoint",
+    "MissingInitCheckpoint",
     "read_state_dict",
 ]
 
@@ -123,16 +126,87 @@ def load_guided_diffusion_checkpoint(
     return {"loaded": len(to_load), "skipped": skipped, "new": new}
 
 
-def download_guided_diffusion_checkpoint(dest_dir: str | Path, name: str = "256x256_diffusion") -> Path:
+class MissingInitCheckpoint(FileNotFoundError):
+    """The checkpoint a preset starts from is neither in the cache nor downloadable now.
+
+    In a notebook IPython shows only this message (``_render_traceback_``), not a traceback.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+def download_guided_diffusion_checkpoint(
+    dest_dir: str | Path, name: str = "256x256_diffusion", timeout: float = 60.0, retries: int = 2
+) -> Path:
     """Download one of OpenAI's guided-diffusion checkpoints into ``dest_dir``; return its path.
 
-    Needs internet (about 2.2 GB for the 256x256 models); an existing complete file is reused
-    as :func:`diffad.download.download_url` decides.
+    Needs internet (about 2.2 GB for the 256x256 models). The transfer resumes where an earlier
+    one stopped and is checked against the size the server announces; on the first complete
+    download its size and SHA-256 are recorded beside it (``<name>.pt.json``) and every later call
+    checks the file against that record, so a file damaged in the cache is never used silently.
     """
     if name not in GUIDED_DIFFUSION_URLS:
         raise ValueError(f"unknown guided-diffusion checkpoint {name!r}; choose one of {sorted(GUIDED_DIFFUSION_URLS)}")
-    from diffad.download import download_url  # lazy: keeps diffad.models importable on its own
+    from diffad.download import download_url, file_hash  # lazy: keeps diffad.models importable on its own
 
     dest = Path(dest_dir) / f"{name}.pt"
+    record = dest.with_name(dest.name + ".json")
+    if dest.is_file():
+        _check_recorded(dest, record, file_hash)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(download_url(GUIDED_DIFFUSION_URLS[name], dest, desc=f"guided-diffusion {name}"))
+    path = Path(download_url(GUIDED_DIFFUSION_URLS[name], dest, desc=f"guided-diffusion {name}",
+                             timeout=timeout, retries=retries))
+    record.write_text(json.dumps({"url": GUIDED_DIFFUSION_URLS[name], "size": path.stat().st_size,
+                                  "sha256": file_hash(path)}, indent=1))
+    return path
+
+
+def _check_recorded(path: Path, record: Path, file_hash) -> None:
+    """Check ``path`` against the size and SHA-256 recorded at its download (record one if none)."""
+    size = path.stat().st_size
+    if not record.is_file():  # a copy placed by hand: trust it once, then hold it to that
+        record.write_text(json.dumps({"size": size, "sha256": file_hash(path)}, indent=1))
+        return
+    expected = json.loads(record.read_text())
+    if size != expected["size"] or file_hash(path) != expected["sha256"]:
+        raise ValueError(
+            f"{path} no longer matches the size and SHA-256 recorded when it was downloaded ({record}); "
+            f"it is damaged: delete both files and run again to download it afresh"
+        )
+
+
+def resolve_init_checkpoint(spec: str | Path | None, cache: str | Path | None = None,
+                            timeout: float = 20.0) -> Path | None:
+    """The file a preset's ``init_checkpoint`` names: None, a path, or an OpenAI checkpoint name.
+
+    A name (``256x256_diffusion``) is looked up in ``<cache>/openai/`` and downloaded there on
+    first use. When it is not there and cannot be downloaded (offline), one
+    :class:`MissingInitCheckpoint` says which checkpoint, its URL, where it is expected and how
+    to pass a local copy, within seconds rather than after a long series of retries.
+    """
+    if spec is None or str(spec) == "":
+        return None
+    name = str(spec)
+    if name not in GUIDED_DIFFUSION_URLS:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise MissingInitCheckpoint(
+                f"init_checkpoint {name!r} is neither a file nor one of OpenAI's checkpoints "
+                f"({', '.join(sorted(GUIDED_DIFFUSION_URLS))})")
+        return path
+    from diffad.download import DownloadError
+    from diffad.io import cache_dir
+
+    folder = cache_dir(cache) / "openai"
+    try:
+        return download_guided_diffusion_checkpoint(folder, name, timeout=timeout, retries=0)
+    except DownloadError as error:
+        raise MissingInitCheckpoint(
+            f"the paper preset starts from OpenAI's ImageNet diffusion checkpoint {name!r}, which is not at "
+            f"{folder / (name + '.pt')} and could not be downloaded from {GUIDED_DIFFUSION_URLS[name]} ({error}). "
+            f"Download it there by hand (about 2.2 GB), or pass a local copy with "
+            f"`--set init_checkpoint=PATH` (Python: init_checkpoint=PATH); init_checkpoint=None trains from "
+            f"random weights, which is not what the authors did"
+        ) from None

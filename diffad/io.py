@@ -1,0 +1,96 @@
+"""Files: the cache folder, atomic writes with a free-space check, and torch files read safely.
+
+A training run on Colab can be cut off at any moment and its disk is small, so every file diffad
+writes goes to a temporary file beside the target and is renamed over it only when complete, and
+before writing we check that the folder has room for the new copy (the old one stays until the
+rename). Large files are read with ``mmap=True`` where torch can, so resuming a 2 GB checkpoint
+does not first copy it all into host memory.
+
+This module imports nothing else from diffad.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["cache_dir", "atomic_save", "load_torch_file", "tensor_bytes", "InsufficientDiskSpace"]
+
+# torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
+_SAVE_OVERHEAD = 1.02
+_SAVE_SLACK_BYTES = 16 << 20
+
+
+class InsufficientDiskSpace(OSError):
+    """The folder has too little free space for the file about to be written."""
+
+
+def cache_dir(path=None) -> Path:
+    """The cache folder: ``path``, else ``$DIFFAD_CACHE`` (e.g. a Google Drive folder on Colab), else ./cache."""
+    return Path(path or os.environ.get("DIFFAD_CACHE", "cache")).expanduser().resolve()
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside nested dicts, lists and tuples (what torch.save will write)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """Raise :class:`InsufficientDiskSpace` naming ``folder`` and the bytes needed when it lacks room."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise InsufficientDiskSpace(
+            f"not enough free disk space in {folder}: writing this file needs about {needed:,} bytes "
+            f"({needed / 2**30:.2f} GiB) and {free:,} bytes ({free / 2**30:.2f} GiB) are free; free some space "
+            "or point DIFFAD_CACHE / the output folder at a larger disk"
+        )
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save to a temporary file beside ``path``, then rename: never a half-written file.
+
+    The free space is checked first (the new copy must fit beside the old one until the rename).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_free_space(path.parent, int(tensor_bytes(obj) * _SAVE_OVERHEAD) + _SAVE_SLACK_BYTES)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_torch_file(path: str | Path, mmap: bool = True):
+    """A diffad checkpoint or model file, on the CPU, memory-mapped where torch can.
+
+    Memory-mapping leaves the tensors' bytes in the file until they are used (copied into a
+    model or onto the GPU), so resuming does not hold the whole file in host RAM at once.
+    Anything unreadable (truncated, foreign) is a ValueError naming the file.
+    """
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except RuntimeError as exc:
+        if mmap and "mmap" in str(exc).lower():  # an old (non-zip) torch file cannot be mapped
+            return load_torch_file(path, mmap=False)
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
