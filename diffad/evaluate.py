@@ -1,13 +1,18 @@
 """Evaluation: run trained models over a dataset and put the numbers beside the paper's.
 
 ``evaluate_category`` scores one category's test split with the diffusion model (ensemble,
-KL, RGB and feature maps from one scoring run) and with the SPADE and PaDiM baselines on the
-same images, and computes pixel AUROC, PRO and image AUROC for each.
+KL, RGB and feature maps from one scoring run) and with the SPADE, PaDiM and PatchCore
+baselines on the same images, and computes pixel AUROC, PRO and image AUROC for each.
 
 ``reproduce`` does that for every category under a data root: it trains each model (or loads
 it), evaluates, and writes ``results.csv``, a markdown table beside the paper's Table 1,
 per-image anomaly maps and overlay figures. Each finished category is recorded in
-``<out>/<category>/metrics.json``; an interrupted run resumes without redoing it.
+``<out>/<category>/metrics.json``; an interrupted run resumes without redoing it (a baseline
+added since is run and recorded on its own).
+
+Quoted numbers stay apart from computed ones: ``resources/paper_table1.csv`` is the paper's
+Table 1, ``resources/quoted_averages.csv`` holds published MVTec-AD averages of methods the
+paper does not list (PatchCore); tables mark both with †.
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from diffad.presets import Preset, get_preset
 from diffad.scoring import Normalizer, RawMaps, anomaly_maps, image_scores, score_raw
 from diffad.train import TrainedModel, build_feature_extractor, fit, pick_device
 
-METHODS = ("ensemble", "kl", "rgb", "feature", "spade", "padim")
+BASELINE_METHODS = ("spade", "padim", "patchcore")
+METHODS = ("ensemble", "kl", "rgb", "feature") + BASELINE_METHODS
 RESULT_COLUMNS = ("category", "method", "pixel_auroc", "pro", "image_auroc")
 PAPER_TABLE1 = Path(__file__).parent / "resources" / "paper_table1.csv"
+QUOTED_AVERAGES = Path(__file__).parent / "resources" / "quoted_averages.csv"
 
 
 @dataclass
@@ -105,14 +112,19 @@ def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, pres
     return rows, maps, scores
 
 
-def baseline_rows(data: CategoryData, preset: Preset, device=None) -> tuple[list[dict], dict, dict]:
-    """SPADE and PaDiM on the same backbone and images as the diffusion model."""
-    from diffad.baselines import PaDiM, SPADE
+def baseline_rows(data: CategoryData, preset: Preset, device=None,
+                  methods: tuple[str, ...] = BASELINE_METHODS) -> tuple[list[dict], dict, dict]:
+    """SPADE, PaDiM and PatchCore (or those of ``methods``) on the same backbone and images as the diffusion model."""
+    from diffad.baselines import PaDiM, PatchCore, SPADE
 
+    classes = {"spade": SPADE, "padim": PaDiM, "patchcore": PatchCore}
+    unknown = [m for m in methods if m not in classes]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(classes)}")
     rows, maps, scores = [], {}, {}
     extractor = build_feature_extractor(preset, device)
-    for name, cls in (("spade", SPADE), ("padim", PaDiM)):
-        method = cls(extractor=extractor, device=device)
+    for name in methods:
+        method = classes[name](extractor=extractor, device=device)
         method.fit(data.train_images)
         maps[name], scores[name] = method.predict(data.test_images)
         rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels, scores[name]))
@@ -129,6 +141,37 @@ def evaluate_category(model: TrainedModel, data_root, category: str, baselines: 
         b_rows, b_maps, b_scores = baseline_rows(data, model.preset, device)
         rows, maps, scores = rows + b_rows, {**maps, **b_maps}, {**scores, **b_scores}
     return CategoryResult(rows, maps, scores, raw_test, raw_val, {"data": data})
+
+
+def complete_baselines(folder: str | Path, category: str, rows: list[dict], data_root, preset: Preset,
+                       device=None) -> list[dict]:
+    """A finished category's recorded rows, with every baseline they lack run now and recorded.
+
+    ``reproduce`` calls this when it resumes: a category finished before a baseline was added
+    to diffad gets that baseline's row (appended to ``metrics.json``) and maps (added to
+    ``maps.npz``) without the diffusion model being scored again.
+    """
+    folder = Path(folder)
+    present = {r["method"] for r in rows}
+    missing = tuple(m for m in BASELINE_METHODS if m not in present)
+    if not missing:
+        return rows
+    preset = preset.for_categories(category)
+    data = CategoryData.load(data_root, category, preset)
+    new_rows, maps, _ = baseline_rows(data, preset, device, missing)
+    saved = folder / "maps.npz"
+    if saved.is_file():
+        with np.load(saved) as old:
+            arrays = dict(old)
+        arrays.update({k: v.numpy().astype(np.float32) for k, v in maps.items()})
+        tmp = folder / "maps.tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(saved)
+    rows = rows + new_rows
+    tmp = folder / "metrics.tmp"
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(folder / "metrics.json")
+    return rows
 
 
 def write_results_csv(rows: list[dict], path: str | Path) -> Path:
@@ -153,14 +196,28 @@ def read_paper_table1(path: str | Path = PAPER_TABLE1) -> dict[str, dict[str, fl
         return {r["category"]: {k: float(v) for k, v in r.items() if k != "category"} for r in csv.DictReader(handle)}
 
 
-def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = True) -> str:
+def read_quoted_averages(path: str | Path = QUOTED_AVERAGES) -> dict[str, dict]:
+    """Published MVTec-AD averages (percent) of methods outside the paper's Table 1: method -> row.
+
+    Each row has ``label``, ``image_auroc``, ``pixel_auroc``, ``pro``, ``source`` (where the
+    numbers are published) and ``settings`` (how they were obtained). Averages only.
+    """
+    with open(path, newline="") as handle:
+        return {r["method"]: {**r, **{k: float(r[k]) for k in RESULT_COLUMNS[2:]}} for r in csv.DictReader(handle)}
+
+
+def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = True,
+                    quoted_averages: dict | None = None) -> str:
     """Our (pixel AUROC, PRO) per method beside the paper's Table 1, for MVTec categories.
 
     SPADE and PaDiM appear twice: as the paper quotes them and as run by us; CFlow, DRAEM and
-    UniAD only as quoted. With ``mvtec=False`` (the built-in data, whose ``capsule`` is not
-    MVTec's) or for categories outside MVTec-AD, only our columns are filled.
+    UniAD only as quoted. PatchCore, not in the paper, appears as run by us and with its
+    published average (``resources/quoted_averages.csv``) in the average row only. With
+    ``mvtec=False`` (the built-in data, whose ``capsule`` is not MVTec's) or for categories
+    outside MVTec-AD, only our columns are filled.
     """
     paper = read_paper_table1() if paper is None else paper
+    quoted_averages = read_quoted_averages() if quoted_averages is None else quoted_averages
     if not mvtec:
         paper = {}
     ours: dict[str, dict[str, dict]] = {}
@@ -172,9 +229,12 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
 
     quoted = [("SPADE†", "spade"), ("PaDiM†", "padim"), ("CFlow†", "cflow"), ("DRAEM†", "draem"),
               ("UniAD†", "uniad"), ("Paper Ours†", "ours")]
-    run = [("SPADE (ours)", "spade"), ("PaDiM (ours)", "padim"), ("diffad", "ensemble")]
+    averages_only = [(f"{q['label']}†", method, q) for method, q in quoted_averages.items()]
+    run = [("SPADE (ours)", "spade"), ("PaDiM (ours)", "padim"), ("PatchCore (ours)", "patchcore"),
+           ("diffad", "ensemble")]
     any_mvtec = any(c in paper for c in ours)
-    header = ["category"] + ([q for q, _ in quoted] if any_mvtec else []) + [r for r, _ in run]
+    header = (["category"] + ([q for q, _ in quoted] + [q for q, _, _ in averages_only] if any_mvtec else [])
+              + [r for r, _ in run])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     categories = list(ours) + (["average"] if len(ours) > 1 else [])
     for category in categories:
@@ -184,6 +244,8 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
                 cells += [pair(paper[category][f"{k}_pixel_auroc"], paper[category][f"{k}_pro"]) for _, k in quoted]
             else:
                 cells += ["–"] * len(quoted)
+            quotable = category == "average" and all(c in paper for c in ours)
+            cells += [pair(q["pixel_auroc"], q["pro"]) if quotable else "–" for _, _, q in averages_only]
         for _, method in run:
             if category == "average":
                 vals = [ours[c][method] for c in ours if method in ours[c]]
@@ -194,8 +256,10 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
                 cells.append(pair(100 * v["pixel_auroc"], 100 * v["pro"]) if v else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    quoted_note = "; † quoted from the paper's Table 1" + "".join(
+        f"; {label} from {q['source']}, average only" for label, _, q in averages_only) + "."
     lines.append("(pixel AUROC, PRO) in percent, computed by diffad" + (
-        "; † quoted from the paper's Table 1." if any_mvtec else "; the paper's columns need MVTec-AD data."))
+        quoted_note if any_mvtec else "; the paper's columns need MVTec-AD data."))
     return "\n".join(lines)
 
 
@@ -205,7 +269,8 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     """Train (or load) and evaluate every category under ``data_root``; write the results.
 
     Models train into ``<out>/<category>/model`` unless ``model_loader(category)`` supplies them
-    (the book passes its cache of trained models).
+    (the book passes its cache of trained models). A category already recorded is read back,
+    and only the baselines it lacks are run (:func:`complete_baselines`).
     Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc), ``<out>/table1.md``,
     ``<out>/<category>/maps.npz`` (per-image maps of every method) and ``<out>/<category>/overlays.png``.
     """
@@ -222,7 +287,10 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
         folder = out_dir / category
         done = folder / "metrics.json"
         if done.is_file():
-            all_rows += json.loads(done.read_text())
+            recorded = json.loads(done.read_text())
+            if baselines:
+                recorded = complete_baselines(folder, category, recorded, data_root, preset, device)
+            all_rows += recorded
             continue
         if model_loader is not None:
             model = model_loader(category)
@@ -341,6 +409,26 @@ def paper_table1_markdown(paper: dict | None = None) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "(pixel AUROC, PRO) in percent, quoted from Lu et al. (ICCV 2023), Table 1; "
               "Ours* uses per-category settings the paper does not publish."]
+    return "\n".join(lines)
+
+
+def quoted_averages_markdown(paper: dict | None = None, quoted_averages: dict | None = None) -> str:
+    """Published MVTec-AD averages side by side: the paper's Table 1 methods and those quoted apart (PatchCore).
+
+    Every number is quoted (†), none computed here. The paper's Table 1 gives no image AUROC.
+    """
+    paper = read_paper_table1() if paper is None else paper
+    quoted_averages = read_quoted_averages() if quoted_averages is None else quoted_averages
+    average = paper["average"]
+    columns = [("SPADE", "spade"), ("PaDiM", "padim"), ("CFlow", "cflow"), ("DRAEM", "draem"),
+               ("UniAD", "uniad"), ("Ours (Lu et al.)", "ours")]
+    lines = ["| method | (pixel AUROC, PRO) | image AUROC | quoted from |", "|---|---|---|---|"]
+    lines += [f"| {name}† | ({average[f'{k}_pixel_auroc']:.1f}, {average[f'{k}_pro']:.1f}) | – | "
+              "Lu et al. (ICCV 2023), Table 1 |" for name, k in columns]
+    lines += [f"| {q['label']}† | ({q['pixel_auroc']:.1f}, {q['pro']:.1f}) | {q['image_auroc']:.1f} | {q['source']} |"
+              for q in quoted_averages.values()]
+    lines += ["", "MVTec-AD averages over the 15 categories in percent, all quoted (†), none computed by diffad."]
+    lines += [""] + [f"{q['label']}: {q['settings']}." for q in quoted_averages.values()]
     return "\n".join(lines)
 
 

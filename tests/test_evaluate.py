@@ -3,10 +3,12 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from diffad.cli import main
 from diffad.evaluate import (
+    METHODS,
     RESULT_COLUMNS,
     evaluate_category,
     read_paper_table1,
@@ -21,12 +23,13 @@ from conftest import TINY_OVERRIDES
 def test_evaluate_category_reports_every_method(tiny_model, tiny_builtin):
     result = evaluate_category(tiny_model, tiny_builtin, "brick")
     methods = [r["method"] for r in result.rows]
-    assert methods == ["ensemble", "kl", "rgb", "feature", "spade", "padim"]
+    assert methods == ["ensemble", "kl", "rgb", "feature", "spade", "padim", "patchcore"] == list(METHODS)
     for row in result.rows:
         for key in ("pixel_auroc", "pro", "image_auroc"):
             assert 0.0 <= row[key] <= 1.0
     n = len(result.extra["data"].test_images)
     assert result.maps["ensemble"].shape == (n, 32, 32) and result.scores["padim"].shape == (n,)
+    assert result.maps["patchcore"].shape == (n, 32, 32) and result.scores["patchcore"].shape == (n,)
 
 
 def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
@@ -35,7 +38,7 @@ def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
         table = list(csv.DictReader(handle))
     assert tuple(table[0].keys()) == RESULT_COLUMNS
     assert {(r["category"], r["method"]) for r in table} == {
-        (c, m) for c in ("brick", "nut") for m in ("ensemble", "kl", "rgb", "feature", "spade", "padim")}
+        (c, m) for c in ("brick", "nut") for m in METHODS}
     assert (tmp_path / "brick" / "maps.npz").is_file() and (tmp_path / "nut" / "overlays.png").is_file()
     assert "| brick |" in (tmp_path / "table1.md").read_text()
     assert "CFlow" not in (tmp_path / "table1.md").read_text()  # built-in data: no quoted columns
@@ -47,6 +50,19 @@ def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
     again = reproduce(tiny_builtin, tmp_path, "cpu", categories=["brick", "nut"], progress=False, **TINY_OVERRIDES)
     assert [r for r in again if r["category"] == "nut"][0]["pro"] == 0.123456
     assert read_results_csv(tmp_path / "results.csv")[len(rows) // 2]["pro"] == pytest.approx(0.123456)
+    # A category recorded before a baseline existed gets only that baseline run and recorded.
+    old = [r for r in recorded if r["method"] != "patchcore"]
+    done.write_text(json.dumps(old))
+    with np.load(tmp_path / "nut" / "maps.npz") as saved:
+        kept = {k: saved[k] for k in saved.files if k != "patchcore"}
+    np.savez_compressed(tmp_path / "nut" / "maps.npz", **kept)
+    third = reproduce(tiny_builtin, tmp_path, "cpu", categories=["brick", "nut"], progress=False, **TINY_OVERRIDES)
+    nut = [r for r in third if r["category"] == "nut"]
+    assert [r["method"] for r in nut] == list(METHODS) and nut[0]["pro"] == 0.123456
+    assert nut[-1] == pytest.approx([r for r in rows if r["category"] == "nut"][-1])  # the same PatchCore row
+    assert [r["method"] for r in json.loads(done.read_text())] == list(METHODS)
+    with np.load(tmp_path / "nut" / "maps.npz") as saved:
+        assert set(saved.files) == set(kept) | {"patchcore"} and saved["patchcore"].shape == saved["padim"].shape
 
 
 def test_reproduce_names_missing_categories(tiny_builtin, tmp_path):
@@ -66,6 +82,27 @@ def test_table1_puts_paper_numbers_beside_ours():
     # The built-in data shares no images with MVTec-AD, whatever its folder names.
     assert "(98.4, 95.5)" not in table1_markdown(rows, mvtec=False)
     assert "quoted" not in table1_markdown(rows, mvtec=False)
+
+
+def test_table1_quotes_patchcore_averages_only():
+    from diffad.evaluate import read_quoted_averages
+
+    quoted = read_quoted_averages()["patchcore"]
+    assert (quoted["image_auroc"], quoted["pixel_auroc"], quoted["pro"]) == (99.2, 98.1, 94.4)
+    assert "patchcore-inspection" in quoted["source"] and "WideResNet-50" in quoted["settings"]
+    rows = [{"category": c, "method": m, "pixel_auroc": 0.9, "pro": 0.8, "image_auroc": 1.0}
+            for c in ("bottle", "cable") for m in ("ensemble", "spade", "padim", "patchcore")]
+    lines = table1_markdown(rows).splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert "PatchCore†" in header and "PatchCore (ours)" in header
+    column = header.index("PatchCore†")
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:5]}
+    assert cells["bottle"][column] == cells["cable"][column] == "–"  # no per-category quotes
+    assert cells["average"][column] == "(98.1, 94.4)"
+    assert cells["bottle"][header.index("PatchCore (ours)")] == "(90.0, 80.0)"
+    assert "PatchCore† from Roth et al." in lines[-1]
+    builtin = table1_markdown(rows, mvtec=False)
+    assert "PatchCore (ours)" in builtin and "PatchCore†" not in builtin and "98.1" not in builtin
 
 
 def test_cli_reports_clear_errors(tmp_path, capsys):
@@ -148,6 +185,16 @@ def test_paper_table1_markdown_quotes_the_csv():
     assert "| bottle | (98.4, 95.5) | (98.5, 95.3) | (99.0, 96.8) |" in table
     assert "| **average** | (96.0, 91.7) | (97.8, 92.8) |" in table
     assert "quoted from" in table and len(table.splitlines()) == 2 + 16 + 2
+    assert "PatchCore" not in table  # the paper's Table 1 as published; PatchCore is quoted apart
+
+
+def test_quoted_averages_markdown_sets_patchcore_beside_the_paper():
+    from diffad.evaluate import quoted_averages_markdown
+
+    table = quoted_averages_markdown()
+    assert "| PaDiM† | (97.8, 92.8) | – | Lu et al. (ICCV 2023), Table 1 |" in table
+    assert "| PatchCore† | (98.1, 94.4) | 99.2 | Roth et al. (CVPR 2022)" in table
+    assert "all quoted (†), none computed by diffad" in table
 
 
 def test_paper_pattern_compares_leaders():
