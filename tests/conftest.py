@@ -12,6 +12,13 @@ matplotlib.use("Agg")
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build."""
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tiny_builtin(tmp_path_factory):
     """A small built-in dataset at 32 px: two categories, few images (seconds to build)."""

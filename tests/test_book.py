@@ -75,6 +75,7 @@ def dom(chromium: str, page: Path, tmp_path: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_every_chapter_page_renders(built_book, chromium, tmp_path):
     names = chapters()
     assert len(names) >= 1

@@ -20,6 +20,7 @@ def builtin_256(tmp_path_factory):
                                 categories=["brick"])
 
 
+@pytest.mark.slow
 def test_retrained_brick_matches_the_shipped_checkpoint(builtin_256, tmp_path):
     preset = get_preset("cpu")
     shipped_path = book.shipped_checkpoint(preset, ["brick"])
