@@ -3,8 +3,9 @@
 A chapter starts with ``ctx = book.setup(PRESET)``. With ``"cpu"`` it uses the built-in
 dataset (written on first use) and the small preset; with ``"paper"`` it uses MVTec-AD under
 ``DIFFAD_MVTEC`` (or ``./data/mvtec``, downloaded on Colab) and the paper's settings on the GPU.
-Models are trained once into the cache (``DIFFAD_CACHE``, default ``./cache``) and reused by
-every chapter; for the cpu preset, checkpoints shipped with diffad seed that cache, so reading
+Models are trained once into the cache (``DIFFAD_CACHE``, default ``./cache``; on Colab with the
+paper preset, a folder on Google Drive, so that a disconnected session resumes where it stopped)
+and reused by every chapter; for the cpu preset, checkpoints shipped with diffad seed that cache, so reading
 the book does not retrain them (``python -m diffad train`` reproduces each one; see
 ``diffad/resources/checkpoints/README.md``). Scored maps are cached the same way.
 """
@@ -22,9 +23,12 @@ import torch
 
 from diffad.data import download_mvtec, list_categories, make_builtin_dataset
 from diffad.evaluate import CategoryData, score_category
+from diffad.io import cache_dir
 from diffad.presets import Preset, get_preset, training_differences, training_fingerprint
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
-from diffad.train import MODEL_NAME, TrainedModel, atomic_save, fit, pick_device
+from diffad.device import pick_device
+from diffad.io import atomic_save
+from diffad.train import MODEL_NAME, TrainedModel, fit
 
 SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
 BUILTIN_IMAGE_SIZE = 256
@@ -49,10 +53,38 @@ class Context:
                 f"({len(self.categories)} categories: {', '.join(self.categories)}); cache {self.cache}")
 
 
-def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None, **overrides) -> Context:
-    """The preset, device, data and cache a chapter runs with."""
+DRIVE_CACHE = "/content/drive/MyDrive/diffad-cache"
+
+
+def drive_cache(mount_point: str = "/content/drive") -> Path | None:
+    """On Colab, mount Google Drive (Colab asks the reader's permission) and return the cache folder
+    on it; None where the reader declines or Drive is not available."""
+    try:
+        from google.colab import drive  # only on Colab
+
+        drive.mount(mount_point)
+    except Exception as error:  # declined, or not on Colab
+        print(f"Google Drive not mounted ({error}); the cache stays on this machine and is lost when it resets")
+        return None
+    return Path(DRIVE_CACHE)
+
+
+def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None, drive: bool | None = None,
+          **overrides) -> Context:
+    """The preset, device, data and cache a chapter runs with.
+
+    ``drive``: keep the cache (models, checkpoints, the OpenAI weights, scores) on Google Drive. By
+    default on Colab with the paper preset, unless ``DIFFAD_CACHE`` or ``cache`` names a folder:
+    hours of training then survive a disconnected runtime, and the next session resumes them.
+    """
     preset = get_preset(preset, **overrides)
-    cache = Path(cache or os.environ.get("DIFFAD_CACHE", "cache")).resolve()
+    if drive is None:
+        drive = on_colab() and preset.name == "paper" and cache is None and "DIFFAD_CACHE" not in os.environ
+    if drive:
+        cache = drive_cache() or cache
+        if cache is not None:
+            os.environ["DIFFAD_CACHE"] = str(cache)  # fit's downloads (OpenAI weights) go there too
+    cache = cache_dir(cache)
     if data_root is None:
         if preset.name == "paper":
             data_root = Path(os.environ.get("DIFFAD_MVTEC", "data/mvtec"))

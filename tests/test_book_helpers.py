@@ -61,3 +61,13 @@ def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_mode
     with torch.no_grad():
         next(retrained.unet.parameters()).add_(1e-3)
     assert book.scores_key(retrained, data) != key
+
+
+def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DIFFAD_CACHE", raising=False)
+    from diffad import book as chapter_runtime
+
+    assert chapter_runtime.drive_cache() is None
+    assert "Google Drive not mounted" in capsys.readouterr().out
+    ctx = chapter_runtime.setup("cpu", data_root=tmp_path, cache=tmp_path / "local", drive=True)
+    assert ctx.cache == (tmp_path / "local").resolve()
