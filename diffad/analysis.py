@@ -23,8 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffad.checks import check_images
 from diffad.data import from_diffusion_range, to_diffusion_range
 from diffad.metrics import pixel_auroc, pro
+from diffad.scoring import OnePass
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor
 
 DEFECT_METRICS = {"pixel_auroc": pixel_auroc, "pro": pro}
@@ -38,15 +40,6 @@ def _as_masks(masks, shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(masks.shape) != tuple(shape):
         raise ValueError(f"masks have shape {tuple(masks.shape)}, expected {tuple(shape)} (N, H, W)")
     return masks > 0.5
-
-
-def _check_image_batch(images, what: str = "images") -> torch.Tensor:
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"{what} must be a float tensor (N, 3, H, W), got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be floating point, got dtype {images.dtype}")
-    return images
 
 
 def ring_masks(masks, width: int) -> torch.Tensor:
@@ -69,7 +62,7 @@ def defect_contrast(images, masks, ring_width: int | None = None) -> torch.Tenso
     scores high; one buried in texture or noise scores near 0. ``ring_width`` defaults to 5 % of
     the image side (at least 2 px). Images without a defect (or without a ring) give NaN.
     """
-    images = _check_image_batch(images).float()
+    images = check_images(images, value_range=None)
     n, _, h, w = images.shape
     inside = _as_masks(masks, (n, h, w))
     ring = ring_masks(inside, ring_width or max(2, round(0.05 * min(h, w))))
@@ -157,11 +150,10 @@ def noise_sweep(model: TrainedModel, image: torch.Tensor, mask, timesteps, categ
     masks = mask[None].expand(draws, -1, -1)
     for t_value in timesteps:
         batch = x0.expand(draws, -1, -1, -1)
-        t = torch.full((draws,), t_value, dtype=torch.long, device=device)
-        x_t = diffusion.q_sample(batch, t, noise=noise)
-        output = unet(x_t, diffusion.model_timesteps(t), **model.unet_kwargs(category, draws, device)).float()
-        kl = diffusion.kl_map(output, batch, x_t, t, clip_denoised=True).mean(dim=1).cpu()
-        x0_hat = diffusion.p_mean_variance_from_output(output, x_t, t, clip_denoised=True)["pred_xstart"]
+        one = OnePass(model, diffusion, batch, t_value, noise, category, features=False)
+        x_t = one.x_t
+        kl = one.kl().mean(dim=1).cpu()
+        x0_hat = one.pred_x0()
         error = (x0_hat - batch).abs().mean(dim=1).cpu() / 2  # on the [0, 1] image scale
         noisy.append(from_diffusion_range(x_t[0], clamp=True).cpu())
         predicted.append(from_diffusion_range(x0_hat[0], clamp=True).cpu())
@@ -204,10 +196,7 @@ class TimestepProfile:
 def timestep_profile(model: TrainedModel, images: torch.Tensor, timesteps, category: str | None = None,
                      seed: int = 0) -> TimestepProfile:
     """Loss terms and learned variance of ``model`` on ``images`` (N, 3, H, W) in [0, 1] at each t."""
-    images = _check_image_batch(images)
-    size = model.preset.image_size
-    if tuple(images.shape[-2:]) != (size, size):
-        raise ValueError(f"images are {tuple(images.shape[-2:])} but the model was trained at {size}x{size}")
+    images = check_images(images, image_size=model.preset.image_size)
     diffusion = build_diffusion(model.preset)
     timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
     unet = model.unet.eval()
@@ -218,12 +207,10 @@ def timestep_profile(model: TrainedModel, images: torch.Tensor, timesteps, categ
     columns = {k: [] for k in ("mse", "vb", "fraction", "fraction_std", "log_variance")}
     for t_value in timesteps:
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.full((n,), t_value, dtype=torch.long, device=device)
-        x_t = diffusion.q_sample(x0, t, noise=noise)
-        output = unet(x_t, diffusion.model_timesteps(t), **model.unet_kwargs(category, n, device)).float()
-        losses = diffusion.training_losses_from_output(output, x0, x_t, t, noise)
-        fraction = (output[:, x0.shape[1]:] + 1) / 2  # v in [-1, 1] -> [0, 1], as the diffusion reads it
-        log_variance = diffusion.p_mean_variance_from_output(output, x_t, t)["log_variance"]
+        one = OnePass(model, diffusion, x0, t_value, noise, category, features=False)
+        losses = one.losses()
+        fraction = (one.output[:, x0.shape[1]:] + 1) / 2  # v in [-1, 1] -> [0, 1], as the diffusion reads it
+        log_variance = one.mean_variance()["log_variance"]
         columns["mse"].append(losses["mse"].mean().item())
         columns["vb"].append(losses["vb"].mean().item())
         columns["fraction"].append(fraction.mean().item())
@@ -247,10 +234,7 @@ def feature_prediction(model: TrainedModel, images: torch.Tensor, t: int, catego
     the channel-mean squared error (N, h, w), all on the CPU. ``extractor`` defaults to the
     preset's backbone (:func:`diffad.train.build_feature_extractor`).
     """
-    images = _check_image_batch(images).float()
-    size = model.preset.image_size
-    if tuple(images.shape[-2:]) != (size, size):
-        raise ValueError(f"images are {tuple(images.shape[-2:])} but the model was trained at {size}x{size}")
+    images = check_images(images, image_size=model.preset.image_size)
     diffusion = build_diffusion(model.preset, model.preset.timestep_respacing)
     (t,) = _check_timesteps((t,), diffusion.num_timesteps)
     unet = model.unet.eval()
@@ -259,11 +243,7 @@ def feature_prediction(model: TrainedModel, images: torch.Tensor, t: int, catego
     x0 = to_diffusion_range(images).to(device)
     target = model.feature_target(extractor(x0))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    steps = torch.full((len(x0),), t, dtype=torch.long, device=device)
-    x_t = diffusion.q_sample(x0, steps, noise=noise)
-    _, predicted = unet(x_t, diffusion.model_timesteps(steps), return_features=True,
-                        **model.unet_kwargs(category, len(x0), device))
-    predicted = predicted.float()
+    predicted = OnePass(model, diffusion, x0, t, noise, category).features
     if predicted.shape != target.shape:
         raise ValueError(f"the feature head predicts {tuple(predicted.shape)} but the extractor gives "
                          f"{tuple(target.shape)}: use the model's own backbone")

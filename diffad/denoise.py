@@ -109,7 +109,7 @@ def gradient_denoise(
     step_size = model.preset.denoise_step_size if step_size is None else step_size
     if not 0.0 < step_size < 1.0:
         raise ValueError(f"step_size must lie in (0, 1), got {step_size}")
-    image = check_images(image, model.preset.image_size)
+    image = check_images(image, "image", image_size=model.preset.image_size)
     if not padim.is_fitted:
         raise ValueError("padim is not fitted: call padim.fit(normal_training_images) first")
     if padim.image_size != tuple(image.shape[-2:]):
@@ -182,7 +182,7 @@ def reconstruct(
     """
     if method not in RECONSTRUCTION_METHODS:
         raise ValueError(f"method must be one of {RECONSTRUCTION_METHODS}, got {method!r}")
-    image = check_images(image, model.preset.image_size)
+    image = check_images(image, "image", image_size=model.preset.image_size)
     base = build_diffusion(model.preset)
     if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < base.num_timesteps:
         raise ValueError(f"t must be an int in [0, {base.num_timesteps}), got {t!r}")

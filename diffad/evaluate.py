@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from diffad.data import MVTecAD, is_builtin, list_categories
 from diffad.metrics import image_auroc, pixel_auroc, pro
 from diffad.presets import Preset, get_preset
-from diffad.scoring import Normalizer, RawMaps, anomaly_maps, image_scores, score_raw
+from diffad.scoring import RawMaps, final_maps, score_raw
 from diffad.train import TrainedModel, build_feature_extractor, fit, pick_device
 
 BASELINE_METHODS = ("spade", "padim", "patchcore")
@@ -99,15 +99,10 @@ def score_category(model: TrainedModel, data: CategoryData, seed: int = 0, devic
 def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset,
                    alpha: float | None = None) -> tuple[list[dict], dict, dict]:
     """Metrics of the ensemble, KL, RGB and feature maps with the preset's settings (alpha may be given)."""
-    normalizer = Normalizer.fit(raw_val, preset.smoothing_sigma)
-    alpha = preset.alpha if alpha is None else alpha
-    maps = anomaly_maps(raw_test, alpha, preset.normalization, normalizer, preset.smoothing_sigma)
-    image_maps = maps
-    if preset.image_normalization not in (None, preset.normalization):
-        image_maps = anomaly_maps(raw_test, alpha, preset.image_normalization, normalizer, preset.smoothing_sigma)
+    maps, all_scores = final_maps(raw_test, raw_val, preset, alpha)
     rows, scores = [], {}
     for method in ("ensemble", "kl", "rgb", "feature"):
-        scores[method] = image_scores(image_maps[method], preset.top_k)
+        scores[method] = all_scores[method]
         rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method]))
     return rows, maps, scores
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffad.checks import check_images
 from diffad.diffusion import get_named_beta_schedule
 
 __all__ = [
@@ -200,15 +201,6 @@ class _Predictor(nn.Module):
         return out
 
 
-def _check_images(images, what: str) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{what} must be a (N, 3, H, W) tensor of images in [-1, 1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be floating point in [-1, 1], got dtype {images.dtype}")
-    return images
-
-
 @torch.no_grad()
 def _features(extractor, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     return torch.cat([extractor(images[i : i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)])
@@ -236,8 +228,8 @@ def prediction_error(
     backbone, so the held-out error compares how hard their features are to reconstruct.
     ``groups``: channel counts that split the features (e.g. ``extractor.channels``, per stage).
     """
-    train_images = _check_images(train_images, "train_images")
-    test_images = _check_images(test_images, "test_images")
+    train_images = check_images(train_images, "train_images", value_range=(-1.0, 1.0))
+    test_images = check_images(test_images, "test_images", value_range=(-1.0, 1.0))
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not 1 <= max_timestep <= 1000:

@@ -22,7 +22,6 @@ respaced noise, and so spends a second pass.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffad.data import to_diffusion_range
+from diffad.smoothing import gaussian_kernel1d, smooth  # noqa: F401  (smooth is part of this API)
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, check_images, pick_device
 
 MAP_TYPES = ("kl", "rgb", "feature")
@@ -61,6 +61,47 @@ def _noise_for(index: int, seed: int, shape, k: int) -> torch.Tensor:
     return torch.randn((k,) + tuple(shape), generator=generator)
 
 
+class OnePass:
+    """What one UNet pass gives at one step: x_t, the diffusion output and the head's features.
+
+    The step every score and probe of the book is built on: noise the clean x0 (N, 3, H, W) in
+    [-1, 1] to step ``t_index`` of ``diffusion``'s schedule (respaced or not), run the UNet once
+    with the matching original timestep, and read from that one output the KL map, the
+    predicted clean image, the learned variance and the training losses.
+    """
+
+    def __init__(self, model: TrainedModel, diffusion, x0: torch.Tensor, t_index: int, noise: torch.Tensor,
+                 category: str | None = None, features: bool = True):
+        b = x0.shape[0]
+        self.diffusion, self.x0, self.noise = diffusion, x0, noise
+        self.t = torch.full((b,), t_index, device=x0.device, dtype=torch.long)
+        self.x_t = diffusion.q_sample(x0, self.t, noise=noise)
+        self.label = model.unet_kwargs(category, b, x0.device)
+        out = model.unet(self.x_t, diffusion.model_timesteps(self.t), return_features=features, **self.label)
+        output, feats = out if features else (out, None)
+        self.output = output.float()
+        self.features = feats.float() if feats is not None else None
+
+    def kl(self) -> torch.Tensor:
+        """Per-element KL( q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t) ) in bits, x0_hat clipped: (N, 3, H, W)."""
+        return self.diffusion.kl_map(self.output, self.x0, self.x_t, self.t, clip_denoised=True)
+
+    def mean_variance(self, clip: bool = True) -> dict:
+        return self.diffusion.p_mean_variance_from_output(self.output, self.x_t, self.t, clip_denoised=clip)
+
+    def pred_x0(self) -> torch.Tensor:
+        """The model's one-step estimate of the clean image, clipped to [-1, 1]: (N, 3, H, W)."""
+        return self.mean_variance()["pred_xstart"]
+
+    def losses(self) -> dict:
+        """The hybrid training loss terms of this pass (``mse``, ``vb``, ``loss``), per image."""
+        return self.diffusion.training_losses_from_output(self.output, self.x0, self.x_t, self.t, self.noise)
+
+    def feature_error(self, target: torch.Tensor) -> torch.Tensor:
+        """Channel-mean squared error of the head's prediction against ``target``: (N, 1, h, w)."""
+        return (self.features - target).pow(2).mean(dim=1, keepdim=True)
+
+
 # The preset fields score_raw reads that shape the raw per-timestep maps (with image_size); the
 # others (alpha, normalisation, smoothing, top-k) are applied afterwards by anomaly_maps, and the
 # batch size does not change the maps (each image has its own noise).
@@ -86,7 +127,7 @@ def score_raw(
     mode = timestep_mode or preset.timestep_mode
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {mode!r}")
-    images = check_images(images, preset.image_size)
+    images = check_images(images, image_size=preset.image_size)
     diffusion = build_diffusion(preset, preset.timestep_respacing)
     bad = [t for t in timesteps if not 0 <= t < diffusion.num_timesteps]
     if bad or not timesteps:
@@ -107,17 +148,12 @@ def score_raw(
         target = model.feature_target(extractor(x0))
         label = model.unet_kwargs(category, b, device)
         for j, t_index in enumerate(timesteps):
-            t = torch.full((b,), t_index, device=device, dtype=torch.long)
-            x_t = diffusion.q_sample(x0, t, noise=noise[j])
-            output, features = unet(x_t, diffusion.model_timesteps(t), return_features=True, **label)
+            one = OnePass(model, diffusion, x0, t_index, noise[j], category)
             if mode == "authors":  # the official code's feature branch: raw index as timestep
-                _, features = unet(x_t, t, return_features=True, **label)
-            output = output.float()
-            kl = diffusion.kl_map(output, x0, x_t, t, clip_denoised=True)
-            pred_x0 = diffusion.p_mean_variance_from_output(output, x_t, t, clip_denoised=True)["pred_xstart"]
-            feature_error = (features.float() - target).pow(2).mean(dim=1, keepdim=True)
-            out["kl"][start:start + b, j] = kl.mean(dim=1).cpu()
-            out["rgb"][start:start + b, j] = (pred_x0 - x0).abs().mean(dim=1).cpu()
+                one.features = unet(one.x_t, one.t, return_features=True, **label)[1].float()
+            feature_error = one.feature_error(target)
+            out["kl"][start:start + b, j] = one.kl().mean(dim=1).cpu()
+            out["rgb"][start:start + b, j] = (one.pred_x0() - x0).abs().mean(dim=1).cpu()
             out["feature"][start:start + b, j] = F.interpolate(
                 feature_error, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu()
     return RawMaps(timesteps, out["kl"], out["rgb"], out["feature"])
@@ -141,26 +177,6 @@ class Normalizer:
 
     def apply(self, kind: str, maps: torch.Tensor) -> torch.Tensor:
         return (maps - self.mean[kind][None, :, None, None]) / self.std[kind][None, :, None, None]
-
-
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(4 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
-def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (..., H, W) maps, reflecting at the border; sigma 0 is a no-op."""
-    if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma)
-    r = len(kernel) // 2
-    shape = maps.shape
-    x = maps.reshape(-1, 1, *shape[-2:])
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), kernel.view(1, 1, -1, 1))
-    return x.reshape(shape)
 
 
 def _zscore_per_image(maps: torch.Tensor) -> torch.Tensor:
@@ -198,6 +214,28 @@ def anomaly_maps(raw: RawMaps, alpha: float = 0.5, normalization: str = "per_ima
     maps = {kind: normalized(raw, kind, normalization, normalizer, smoothing_sigma) for kind in MAP_TYPES}
     maps["ensemble"] = alpha * maps["kl"] + (1.0 - alpha) * maps["feature"]
     return maps
+
+
+# The preset fields final_maps reads: all scoring fields, applied after the UNet (tests check the list).
+FINAL_MAP_FIELDS = ("alpha", "normalization", "image_normalization", "smoothing_sigma", "top_k")
+
+
+def final_maps(raw_test: RawMaps, raw_val: RawMaps, preset, alpha: float | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Final maps (N, H, W) of every kind and each kind's image scores (N,), from one scoring run.
+
+    Everything after the UNet, with the preset's settings in one call: smoothing, normalisation
+    (statistics of the validation maps ``raw_val`` where the preset asks for them), the ensemble
+    weight (``alpha`` overrides the preset's), and the image score, read from maps normalised as
+    ``image_normalization`` says (the same maps when it is None).
+    """
+    normalizer = Normalizer.fit(raw_val, preset.smoothing_sigma)
+    alpha = preset.alpha if alpha is None else alpha
+    maps = anomaly_maps(raw_test, alpha, preset.normalization, normalizer, preset.smoothing_sigma)
+    image_maps = maps
+    if preset.image_normalization not in (None, preset.normalization):
+        image_maps = anomaly_maps(raw_test, alpha, preset.image_normalization, normalizer, preset.smoothing_sigma)
+    return maps, {kind: image_scores(image_maps[kind], preset.top_k) for kind in maps}
 
 
 def image_scores(maps: torch.Tensor, top_k: int = 64) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from diffad.backbones import FeatureExtractor
+from diffad.checks import check_images
 from diffad.data import MVTecAD, to_diffusion_range
 from diffad.device import (CUDA_BLOCK_BYTES, GIB, Accelerator, PeakMemory, Precision, accelerator_of,
                            choose_precision, pick_device)
@@ -40,23 +41,6 @@ __all__ = ["fit", "training_step", "plan_training", "TrainingPlan", "TrainedMode
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
-
-
-def check_images(images: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Images a trained model can take: a float tensor (N, 3, size, size) in [0, 1]; else a clear error."""
-    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-        raise ValueError(f"images must be a float tensor (N, 3, H, W) in [0, 1]; got {shape}")
-    if images.shape[-2:] != (image_size, image_size):
-        raise ValueError(
-            f"images are {tuple(images.shape[-2:])} but the model was trained at {image_size}x{image_size}; "
-            f"load the dataset with image_size={image_size}"
-        )
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
-    if images.min() < -1e-6 or images.max() > 1 + 1e-6:
-        raise ValueError("images must be in [0, 1] (diffad.data returns them so; diffad maps them to [-1, 1] itself)")
-    return images.float()
 
 
 def build_diffusion(preset: Preset, respacing: str = "") -> GaussianDiffusion:

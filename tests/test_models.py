@@ -465,9 +465,11 @@ def test_download_calls_download_url_with_the_named_url(tmp_path, monkeypatch):
 
     fake = types.ModuleType("diffad.download")
     fake.download_url = fake_download_url
+    fake.file_hash = lambda path: "ab" * 32
     monkeypatch.setitem(sys.modules, "diffad.download", fake)
     path = download_guided_diffusion_checkpoint(tmp_path / "ckpt", "256x256_diffusion_uncond")
     assert path == tmp_path / "ckpt" / "256x256_diffusion_uncond.pt" and path.exists()
+    assert '"sha256": "' + "ab" * 32 in path.with_name(path.name + ".json").read_text()  # recorded
     assert calls == [(GUIDED_DIFFUSION_URLS["256x256_diffusion_uncond"], path)]
     with pytest.raises(ValueError, match="unknown guided-diffusion checkpoint"):
         download_guided_diffusion_checkpoint(tmp_path, "1024x1024")

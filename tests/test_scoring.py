@@ -127,3 +127,37 @@ def test_bad_inputs_are_named(tiny_model, test_images):
         score_raw(tiny_model, torch.rand(1, 3, 32, 32) * 2 - 1)
     with pytest.raises(ValueError, match="test timesteps"):
         score_raw(tiny_model, test_images[0][:1], timesteps=(5000,))
+
+
+def _recording(preset):
+    """A copy of ``preset`` that records which fields are read."""
+    from diffad.presets import Preset, field_names
+
+    names, read = set(field_names()), set()
+
+    class Recording(Preset):
+        def __getattribute__(self, name):
+            if name in names:
+                read.add(name)
+            return super().__getattribute__(name)
+
+    return Recording(**{f: getattr(preset, f) for f in names}), read
+
+
+def test_field_lists_match_the_fields_scoring_reads(tiny_model, test_images):
+    """RAW_MAP_FIELDS keys the book's cache of raw maps: a scoring field that score_raw reads but
+    the list lacks would let the book reuse stale maps. FINAL_MAP_FIELDS is what final_maps reads."""
+    from diffad.presets import SCORING_FIELDS
+    from diffad.scoring import FINAL_MAP_FIELDS, RAW_MAP_FIELDS, final_maps
+
+    preset, read = _recording(tiny_model.preset)
+    original, tiny_model.preset = tiny_model.preset, preset
+    try:
+        raw = score_raw(tiny_model, test_images[0][:2])
+    finally:
+        tiny_model.preset = original
+    assert read & SCORING_FIELDS <= set(RAW_MAP_FIELDS) | {"score_batch_size"}, read & SCORING_FIELDS
+    assert set(RAW_MAP_FIELDS) <= read
+    read.clear()
+    final_maps(raw, raw, preset)
+    assert read == set(FINAL_MAP_FIELDS) and read <= SCORING_FIELDS

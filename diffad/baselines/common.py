@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from diffad.backbones import FeatureExtractor
+from diffad.checks import check_images
 from diffad.data import to_diffusion_range
-from diffad.scoring import smooth
+from diffad.smoothing import smooth
 from diffad.device import pick_device
 
 # The PaDiM, SPADE and PatchCore papers blur their maps with sigma 4 at 256x256 (224 crops).
@@ -48,24 +49,6 @@ def build_extractor(
     if not isinstance(backbone, str):
         raise ValueError(f"backbone must be a timm name or a FeatureExtractor, got {type(backbone).__name__}")
     return FeatureExtractor(backbone, layers=layers, grid_size=grid_size, input_size=input_size, pretrained=pretrained)
-
-
-def check_images(images, what: str = "images") -> torch.Tensor:
-    """A float (N, 3, H, W) tensor in [0, 1], else a ValueError saying what is wrong."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor (N, 3, H, W) in [0, 1], got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{what} must have shape (N, 3, H, W), got {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{what} is empty (N = 0)")
-    if not images.is_floating_point():
-        raise ValueError(f"{what} must be floating point in [0, 1], got dtype {images.dtype}")
-    low, high = float(images.min()), float(images.max())
-    if low < -1e-4 or high > 1 + 1e-4:
-        raise ValueError(
-            f"{what} must lie in [0, 1] (diffad.data returns them so), got values in [{low:.3g}, {high:.3g}]"
-        )
-    return images.float()
 
 
 def smoothing_sigma_for(smoothing_sigma: float | None, height: int, width: int) -> float:
