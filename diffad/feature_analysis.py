@@ -241,15 +241,8 @@ def prediction_error(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
 
-    train_targets = _features(extractor, train_images, 32, device)
-    test_targets = _features(extractor, test_images, 32, device)
+    train_targets, test_targets, groups = _standardised_targets(extractor, train_images, test_images, groups, device)
     channels, grid = train_targets.shape[1], tuple(train_targets.shape[-2:])
-    groups = [channels] if groups is None else [int(g) for g in groups]
-    if sum(groups) != channels or min(groups) < 1:
-        raise ValueError(f"groups {groups} must be positive and sum to the features' {channels} channels")
-    mean = train_targets.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_targets.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train_targets, test_targets = (train_targets - mean) / std, (test_targets - mean) / std
 
     stride = max(1, min(train_images.shape[-2] // grid[0], train_images.shape[-1] // grid[1]))
     predictor = _Predictor(channels, width, stride).to(device)
@@ -280,11 +273,32 @@ def prediction_error(
         predictions = torch.cat([
             predictor(noised(test_images[i : i + 32], test_generator), grid) for i in range(0, len(test_images), 32)
         ])
-    # Per group: summed squared error over summed variance. Channels are standardised, so each
-    # varying channel counts about equally, and a constant (dead) channel adds nothing to either.
-    squared_error = ((predictions - test_targets.to(device)) ** 2).mean(dim=(0, 2, 3)).cpu().double()
-    variance = test_targets.var(dim=(0, 2, 3), correction=0).cpu().double()
+    overall, per_group = _unexplained(predictions, test_targets.to(device), groups)
+    return PredictionResult(overall, per_group, channels, losses)
 
+
+def _standardised_targets(extractor, train_images, test_images, groups, device):
+    """Backbone features of both image sets, each channel z-scored with the training statistics,
+    and the channel groups (all channels in one group when ``groups`` is None)."""
+    train_targets = _features(extractor, train_images, 32, device)
+    test_targets = _features(extractor, test_images, 32, device)
+    channels = train_targets.shape[1]
+    groups = [channels] if groups is None else [int(g) for g in groups]
+    if sum(groups) != channels or min(groups) < 1:
+        raise ValueError(f"groups {groups} must be positive and sum to the features' {channels} channels")
+    mean = train_targets.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_targets.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (train_targets - mean) / std, (test_targets - mean) / std, groups
+
+
+def _unexplained(predictions: torch.Tensor, targets: torch.Tensor, groups) -> tuple[float, list[float]]:
+    """Fraction of the targets' variance left unexplained, overall and per channel group.
+
+    Per group: summed squared error over summed variance. Channels are standardised, so each
+    varying channel counts about equally, and a constant (dead) channel adds nothing to either.
+    """
+    squared_error = ((predictions - targets) ** 2).mean(dim=(0, 2, 3)).cpu().double()
+    variance = targets.var(dim=(0, 2, 3), correction=0).cpu().double()
     if float(variance.sum()) <= 0:
         raise ValueError("the test images' features do not vary: cannot measure explained variance")
 
@@ -292,4 +306,4 @@ def prediction_error(
         return float(error.sum() / var.sum()) if float(var.sum()) > 0 else float("nan")
 
     per_group = [fvu(e, v) for e, v in zip(squared_error.split(groups), variance.split(groups))]
-    return PredictionResult(fvu(squared_error, variance), per_group, channels, losses)
+    return fvu(squared_error, variance), per_group

@@ -453,3 +453,9 @@ def test_defect_kind_documentation():
     assert len(DEFECT_KINDS) >= 9 and set(LOW_CONTRAST_KINDS) <= set(DEFECT_KINDS)
     assert {"scratch", "crack", "stain", "hole", "foreign"} <= set(DEFECT_KINDS)
     assert all(isinstance(text, str) and len(text) > 20 for text in DEFECT_KINDS.values())
+
+
+def test_every_defect_kind_has_one_painter():
+    from diffad.data.builtin import _PAINTERS, DEFECT_KINDS
+
+    assert set(_PAINTERS) == set(DEFECT_KINDS)

@@ -430,95 +430,140 @@ def _match_stats(content: np.ndarray, host: np.ndarray, where: np.ndarray, min_s
     return normalised[..., None] * std + mean
 
 
+# One painter per defect kind (a registry, so a new kind is one function): each paints a defect of
+# ``level`` (0 small .. 1 large) on the scene and returns (new content HxWx3, blend weight HxW).
+# Sizes are written for 256 px images and scaled by ``px``.
+_PAINTERS: dict = {}
+
+
+def _painter(*kinds: str):
+    def register(function):
+        for kind in kinds:
+            _PAINTERS[kind] = function
+        return function
+    return register
+
+
+@_painter("scratch", "faint_scratch")
+def _paint_scratch(kind, scene: _Scene, rng, level, category, px):
+    """A thin curved line: dark or light (scratch), or of low contrast (faint_scratch)."""
+    image, size = scene.image, scene.image.shape[0]
+    length = _lerp(0.15, 0.5, level) * size
+    centre = _pick_centre(rng, scene, margin=length / 2 if not scene.is_object else 0)
+    width = max(1.0, rng.uniform(2.0, 4.0) * px) if kind == "scratch" else max(1.0, rng.uniform(1.5, 2.5) * px)
+    weight = _polyline_weight(size, [_bezier(rng, centre, length)], [width])
+    strength = 0.8 if kind == "scratch" else rng.uniform(0.2, 0.3)
+    return image + strength * (_line_target(rng, image) - image), weight * scene.support
+
+
+@_painter("crack")
+def _paint_crack(kind, scene: _Scene, rng, level, category, px):
+    """A dark random walk with one to three branches."""
+    image, size = scene.image, scene.image.shape[0]
+    length = _lerp(0.15, 0.45, level) * size
+    centre = _pick_centre(rng, scene, margin=length / 3 if not scene.is_object else 0)
+    angle = rng.uniform(0, 2 * np.pi)
+    main = _random_walk(rng, np.asarray(centre), angle, length, step=max(2.0, 6 * px))
+    paths, widths = [main], [max(1.0, rng.uniform(1.8, 2.5) * px)]
+    for _ in range(rng.integers(1, 4)):
+        origin = main[rng.integers(1, len(main) - 1)]
+        branch_angle = angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.0)
+        branch_length = length * rng.uniform(0.2, 0.45)
+        paths.append(_random_walk(rng, origin, branch_angle, branch_length, step=max(2.0, 5 * px)))
+        widths.append(max(1.0, rng.uniform(1.0, 1.6) * px))
+    return image * 0.12, _polyline_weight(size, paths, widths) * scene.support
+
+
+@_painter("stain")
+def _paint_stain(kind, scene: _Scene, rng, level, category, px):
+    """A soft-edged blob tinted brown, orange or blue."""
+    image, size = scene.image, scene.image.shape[0]
+    radius = _lerp(0.06, 0.16, level) * size
+    centre = _pick_centre(rng, scene, margin=radius)
+    weight = _blob(rng, size, centre, radius, edge_px=rng.uniform(2, 4) * px, wobble=0.35)
+    tints = [(0.62, 0.42, 0.24), (0.85, 0.45, 0.18), (0.35, 0.45, 0.80)]
+    tint = np.asarray(tints[rng.integers(len(tints))], np.float32) * rng.uniform(0.75, 0.95)
+    return image * tint, weight * scene.support
+
+
+@_painter("hole")
+def _paint_hole(kind, scene: _Scene, rng, level, category, px):
+    """A bite out of an object's rim (background shows through), or a dark pit in a texture."""
+    image, size = scene.image, scene.image.shape[0]
+    if scene.is_object:
+        radius = _lerp(0.08, 0.15, level) * size
+        rim = np.argwhere((scene.outline > 0.3) & (scene.outline < 0.7))
+        y, x = rim[rng.integers(len(rim))]
+        weight = _blob(rng, size, (float(y), float(x)), radius, edge_px=1.0, wobble=0.3)
+        return scene.background, weight * scene.outline
+    radius = _lerp(0.03, 0.08, level) * size
+    centre = _pick_centre(rng, scene, margin=radius)
+    weight = _blob(rng, size, centre, radius, edge_px=1.5 * px, wobble=0.3)
+    ys, xs = _grid(size)
+    depth = np.clip(np.hypot(ys - centre[0], xs - centre[1]) / radius, 0, 1)
+    pit = (0.03 + 0.10 * depth)[..., None] * np.ones(3, np.float32) + 0.08 * image
+    return pit, weight
+
+
+@_painter("foreign")
+def _paint_foreign(kind, scene: _Scene, rng, level, category, px):
+    """A patch of another photo, coloured, pasted with a soft edge."""
+    size = scene.image.shape[0]
+    radius = _lerp(0.05, 0.12, level) * size
+    centre = _pick_centre(rng, scene, margin=radius)
+    source = _FOREIGN_SOURCE[category]
+    content = _colourise(_grey_crop(source, rng, size, crop_fraction=rng.uniform(0.35, 0.6)), source)
+    return content, _blob(rng, size, centre, radius, edge_px=1.5 * px, wobble=0.35)
+
+
+@_painter("shift")
+def _paint_shift(kind, scene: _Scene, rng, level, category, px):
+    """A large, very soft region of slightly shifted brightness or colour (low contrast)."""
+    image, size = scene.image, scene.image.shape[0]
+    radius = _lerp(0.10, 0.20, level) * size
+    centre = _pick_centre(rng, scene, margin=radius * 0.6)
+    weight = _blob(rng, size, centre, radius, edge_px=rng.uniform(6, 10) * px, wobble=0.2) * scene.support
+    delta = np.zeros(3, np.float32)
+    if rng.random() < 0.5:
+        delta[:] = rng.choice([-1, 1]) * rng.uniform(0.05, 0.09)
+    else:
+        delta[rng.integers(3)] = rng.choice([-1, 1]) * rng.uniform(0.04, 0.07)
+    return image + delta, weight
+
+
+@_painter("matched_patch")
+def _paint_matched_patch(kind, scene: _Scene, rng, level, category, px):
+    """Another texture with the surroundings' mean and contrast: visible by structure only."""
+    image, size = scene.image, scene.image.shape[0]
+    radius = _lerp(0.08, 0.14, level) * size
+    centre = _pick_centre(rng, scene, margin=radius)
+    weight = _blob(rng, size, centre, radius, edge_px=2.0 * px, wobble=0.3) * scene.support
+    where = weight > 0.5
+    content = _grey_crop(_MATCHED_SOURCE[category], rng, size, crop_fraction=rng.uniform(0.4, 0.6))
+    return _match_stats(content, image, where, min_std=0.03), weight
+
+
+@_painter("rotated_patch")
+def _paint_rotated_patch(kind, scene: _Scene, rng, level, category, px):
+    """The image itself rotated inside a disc: same colours and contrast, wrong orientation."""
+    from skimage.transform import rotate
+
+    image, size = scene.image, scene.image.shape[0]
+    radius = _lerp(0.08, 0.14, level) * size
+    centre = _pick_centre(rng, scene, margin=radius)
+    angle = rng.choice([-1, 1]) * rng.uniform(60, 180)
+    rotated = rotate(image, angle, center=(centre[1], centre[0]), order=1, mode="reflect")
+    weight = _blob(rng, size, centre, radius, edge_px=1.5 * px, wobble=0.1) * scene.support
+    return rotated.astype(np.float32), weight
+
+
 def _defect(
     kind: str, scene: _Scene, rng: np.random.Generator, level: float, category: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect; returns (new content HxWx3, blend weight HxW). Mask = weight > 0.5."""
-    image, size = scene.image, scene.image.shape[0]
-    px = size / 256.0  # sizes below are written for 256 px images
-
-    if kind in ("scratch", "faint_scratch"):
-        length = _lerp(0.15, 0.5, level) * size
-        centre = _pick_centre(rng, scene, margin=length / 2 if not scene.is_object else 0)
-        width = max(1.0, rng.uniform(2.0, 4.0) * px) if kind == "scratch" else max(1.0, rng.uniform(1.5, 2.5) * px)
-        weight = _polyline_weight(size, [_bezier(rng, centre, length)], [width])
-        strength = 0.8 if kind == "scratch" else rng.uniform(0.2, 0.3)
-        return image + strength * (_line_target(rng, image) - image), weight * scene.support
-
-    if kind == "crack":
-        length = _lerp(0.15, 0.45, level) * size
-        centre = _pick_centre(rng, scene, margin=length / 3 if not scene.is_object else 0)
-        angle = rng.uniform(0, 2 * np.pi)
-        main = _random_walk(rng, np.asarray(centre), angle, length, step=max(2.0, 6 * px))
-        paths, widths = [main], [max(1.0, rng.uniform(1.8, 2.5) * px)]
-        for _ in range(rng.integers(1, 4)):
-            origin = main[rng.integers(1, len(main) - 1)]
-            branch_angle = angle + rng.choice([-1, 1]) * rng.uniform(0.5, 1.0)
-            branch_length = length * rng.uniform(0.2, 0.45)
-            paths.append(_random_walk(rng, origin, branch_angle, branch_length, step=max(2.0, 5 * px)))
-            widths.append(max(1.0, rng.uniform(1.0, 1.6) * px))
-        return image * 0.12, _polyline_weight(size, paths, widths) * scene.support
-
-    if kind == "stain":
-        radius = _lerp(0.06, 0.16, level) * size
-        centre = _pick_centre(rng, scene, margin=radius)
-        weight = _blob(rng, size, centre, radius, edge_px=rng.uniform(2, 4) * px, wobble=0.35)
-        tints = [(0.62, 0.42, 0.24), (0.85, 0.45, 0.18), (0.35, 0.45, 0.80)]
-        tint = np.asarray(tints[rng.integers(len(tints))], np.float32) * rng.uniform(0.75, 0.95)
-        return image * tint, weight * scene.support
-
-    if kind == "hole":
-        if scene.is_object:
-            radius = _lerp(0.08, 0.15, level) * size
-            rim = np.argwhere((scene.outline > 0.3) & (scene.outline < 0.7))
-            y, x = rim[rng.integers(len(rim))]
-            weight = _blob(rng, size, (float(y), float(x)), radius, edge_px=1.0, wobble=0.3)
-            return scene.background, weight * scene.outline
-        radius = _lerp(0.03, 0.08, level) * size
-        centre = _pick_centre(rng, scene, margin=radius)
-        weight = _blob(rng, size, centre, radius, edge_px=1.5 * px, wobble=0.3)
-        ys, xs = _grid(size)
-        depth = np.clip(np.hypot(ys - centre[0], xs - centre[1]) / radius, 0, 1)
-        pit = (0.03 + 0.10 * depth)[..., None] * np.ones(3, np.float32) + 0.08 * image
-        return pit, weight
-
-    if kind == "foreign":
-        radius = _lerp(0.05, 0.12, level) * size
-        centre = _pick_centre(rng, scene, margin=radius)
-        source = _FOREIGN_SOURCE[category]
-        content = _colourise(_grey_crop(source, rng, size, crop_fraction=rng.uniform(0.35, 0.6)), source)
-        return content, _blob(rng, size, centre, radius, edge_px=1.5 * px, wobble=0.35)
-
-    if kind == "shift":
-        radius = _lerp(0.10, 0.20, level) * size
-        centre = _pick_centre(rng, scene, margin=radius * 0.6)
-        weight = _blob(rng, size, centre, radius, edge_px=rng.uniform(6, 10) * px, wobble=0.2) * scene.support
-        delta = np.zeros(3, np.float32)
-        if rng.random() < 0.5:
-            delta[:] = rng.choice([-1, 1]) * rng.uniform(0.05, 0.09)
-        else:
-            delta[rng.integers(3)] = rng.choice([-1, 1]) * rng.uniform(0.04, 0.07)
-        return image + delta, weight
-
-    if kind == "matched_patch":
-        radius = _lerp(0.08, 0.14, level) * size
-        centre = _pick_centre(rng, scene, margin=radius)
-        weight = _blob(rng, size, centre, radius, edge_px=2.0 * px, wobble=0.3) * scene.support
-        where = weight > 0.5
-        content = _grey_crop(_MATCHED_SOURCE[category], rng, size, crop_fraction=rng.uniform(0.4, 0.6))
-        return _match_stats(content, image, where, min_std=0.03), weight
-
-    if kind == "rotated_patch":
-        from skimage.transform import rotate
-
-        radius = _lerp(0.08, 0.14, level) * size
-        centre = _pick_centre(rng, scene, margin=radius)
-        angle = rng.choice([-1, 1]) * rng.uniform(60, 180)
-        rotated = rotate(image, angle, center=(centre[1], centre[0]), order=1, mode="reflect")
-        weight = _blob(rng, size, centre, radius, edge_px=1.5 * px, wobble=0.1) * scene.support
-        return rotated.astype(np.float32), weight
-
-    raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
+    if kind not in _PAINTERS:
+        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
+    return _PAINTERS[kind](kind, scene, rng, level, category, scene.image.shape[0] / 256.0)
 
 
 # ----------------------------------------------------------------------------- files
