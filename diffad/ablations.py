@@ -30,6 +30,7 @@ from diffad.backbones import FeatureExtractor, available_offline, default_layers
 from diffad.baselines import PaDiM
 from diffad.evaluate import METRIC_LABELS, CategoryData, metric_row
 from diffad.presets import SCORING_FIELDS, Preset
+from diffad.tables import markdown_table
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, pick_device
 
 # One model for every category. [paper] The unified model trains 20k steps (twice the
@@ -176,7 +177,6 @@ def comparison_markdown(reference: list[dict], other: list[dict], methods: tuple
     header = ["category"]
     for method in methods:
         header += [f"{method}: {names[0]}", f"{method}: {names[1]}", f"{method}: change"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
 
     def cells(pairs):
         out = []
@@ -184,15 +184,13 @@ def comparison_markdown(reference: list[dict], other: list[dict], methods: tuple
             out += [f"{100 * a:.1f}", f"{100 * b:.1f}", f"{100 * (b - a):+.1f}"]
         return out
 
-    for category in categories:
-        pairs = [(ref[(category, m)][metric], oth[(category, m)][metric]) for m in methods]
-        lines.append(f"| {category} | " + " | ".join(cells(pairs)) + " |")
+    body = [[category] + cells([(ref[(category, m)][metric], oth[(category, m)][metric]) for m in methods])
+            for category in categories]
     if len(categories) > 1:
         pairs = [(float(np.mean([ref[(c, m)][metric] for c in categories])),
                   float(np.mean([oth[(c, m)][metric] for c in categories]))) for m in methods]
-        lines.append("| **average** | " + " | ".join(cells(pairs)) + " |")
-    lines += ["", f"{METRIC_LABELS[metric]} in percent; change = {names[1]} - {names[0]}, in points."]
-    return "\n".join(lines)
+        body.append(["**average**"] + cells(pairs))
+    return markdown_table(header, body, [f"{METRIC_LABELS[metric]} in percent; change = {names[1]} - {names[0]}, in points."])
 
 
 def average_change(reference: list[dict], other: list[dict], method: str, metric: str = "pro") -> float:
@@ -250,19 +248,18 @@ def sweep_markdown(rows: list[dict], settings: tuple[str, ...], methods: tuple[s
     for row in rows:
         key = tuple(_setting_text(row[s]) for s in settings)
         groups.setdefault(key, {}).setdefault(row["method"], []).append(row)
-    header = list(settings) + list(methods)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for key, by_method in groups.items():
         cells = list(key)
         for method in methods:
             group = by_method.get(method)
             cells.append(" / ".join(f"{100 * np.mean([r[m] for r in group]):.1f}" for m in metrics)
                          if group else "–")
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
     n_categories = len({r["category"] for r in rows})
     scope = f"mean over {n_categories} categories" if n_categories > 1 else f"category {rows[0]['category']}"
-    lines += ["", f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent ({scope})."]
-    return "\n".join(lines)
+    return markdown_table(list(settings) + list(methods), body,
+                          [f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent ({scope})."])
 
 
 __all__ = [

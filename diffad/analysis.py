@@ -27,6 +27,7 @@ from diffad.checks import check_images
 from diffad.data import from_diffusion_range, to_diffusion_range
 from diffad.metrics import pixel_auroc, pro
 from diffad.scoring import OnePass
+from diffad.tables import records_markdown
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor
 
 DEFECT_METRICS = {"pixel_auroc": pixel_auroc, "pro": pro}
@@ -288,13 +289,4 @@ def defect_type_metrics(data, maps: dict, metric: str = "pixel_auroc") -> list[d
     return rows
 
 
-def markdown_table(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
-    """Rows of dicts as a markdown table (floats rounded to ``digits``), for ``IPython.display.Markdown``."""
-    if not rows:
-        raise ValueError("markdown_table needs at least one row")
-    columns = list(columns or rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [f"{row[c]:.{digits}f}" if isinstance(row[c], (float, np.floating)) else str(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+markdown_table = records_markdown  # the chapters' name for it

@@ -30,6 +30,7 @@ from diffad.data import MVTecAD, is_builtin, list_categories
 from diffad.metrics import image_auroc, pixel_auroc, pro
 from diffad.presets import Preset, get_preset
 from diffad.scoring import RawMaps, final_maps, score_raw
+from diffad.tables import markdown_table
 from diffad.train import TrainedModel, build_feature_extractor, fit, pick_device
 
 BASELINE_METHODS = ("spade", "padim", "patchcore")
@@ -230,7 +231,7 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
     any_mvtec = any(c in paper for c in ours)
     header = (["category"] + ([q for q, _ in quoted] + [q for q, _, _ in averages_only] if any_mvtec else [])
               + [r for r, _ in run])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     categories = list(ours) + (["average"] if len(ours) > 1 else [])
     for category in categories:
         cells = [category]
@@ -249,13 +250,11 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
             else:
                 v = ours[category].get(method)
                 cells.append(pair(100 * v["pixel_auroc"], 100 * v["pro"]) if v else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+        body.append(cells)
     quoted_note = "; † quoted from the paper's Table 1" + "".join(
         f"; {label} from {q['source']}, average only" for label, _, q in averages_only) + "."
-    lines.append("(pixel AUROC, PRO) in percent, computed by diffad" + (
-        quoted_note if any_mvtec else "; the paper's columns need MVTec-AD data."))
-    return "\n".join(lines)
+    return markdown_table(header, body, ["(pixel AUROC, PRO) in percent, computed by diffad" + (
+        quoted_note if any_mvtec else "; the paper's columns need MVTec-AD data.")])
 
 
 def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list[str] | None = None,
@@ -382,14 +381,12 @@ def results_markdown(rows: list[dict], methods: tuple[str, ...] | None = None,
     def cell(values: dict | None) -> str:
         return " / ".join(f"{100 * values[m]:.1f}" for m in metrics) if values else "–"
 
-    lines = ["| category | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for category, by_method in table.items():
-        lines.append(f"| {category} | " + " | ".join(cell(by_method.get(m)) for m in methods) + " |")
+    body = [[category] + [cell(by_method.get(m)) for m in methods] for category, by_method in table.items()]
     if len(table) > 1:
         averages = method_averages([r for r in rows if r["method"] in methods], metrics)
-        lines.append("| **average** | " + " | ".join(cell(averages.get(m)) for m in methods) + " |")
-    lines += ["", f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent, computed by diffad."]
-    return "\n".join(lines)
+        body.append(["**average**"] + [cell(averages.get(m)) for m in methods])
+    return markdown_table(["category"] + list(methods), body,
+                          [f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent, computed by diffad."])
 
 
 def paper_table1_markdown(paper: dict | None = None) -> str:
@@ -397,14 +394,12 @@ def paper_table1_markdown(paper: dict | None = None) -> str:
     paper = read_paper_table1() if paper is None else paper
     columns = [("SPADE", "spade"), ("PaDiM", "padim"), ("CFlow", "cflow"), ("DRAEM", "draem"),
                ("UniAD", "uniad"), ("Ours", "ours"), ("Ours*", "ours_star")]
-    lines = ["| category | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
-    for category, values in paper.items():
-        cells = [f"({values[f'{k}_pixel_auroc']:.1f}, {values[f'{k}_pro']:.1f})" for _, k in columns]
-        label = f"**{category}**" if category == "average" else category
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "(pixel AUROC, PRO) in percent, quoted from Lu et al. (ICCV 2023), Table 1; "
-              "Ours* uses per-category settings the paper does not publish."]
-    return "\n".join(lines)
+    body = [[f"**{category}**" if category == "average" else category]
+            + [f"({values[f'{k}_pixel_auroc']:.1f}, {values[f'{k}_pro']:.1f})" for _, k in columns]
+            for category, values in paper.items()]
+    return markdown_table(["category"] + [name for name, _ in columns], body, [
+        "(pixel AUROC, PRO) in percent, quoted from Lu et al. (ICCV 2023), Table 1; "
+        "Ours* uses per-category settings the paper does not publish."])
 
 
 def quoted_averages_markdown(paper: dict | None = None, quoted_averages: dict | None = None) -> str:
@@ -417,14 +412,13 @@ def quoted_averages_markdown(paper: dict | None = None, quoted_averages: dict | 
     average = paper["average"]
     columns = [("SPADE", "spade"), ("PaDiM", "padim"), ("CFlow", "cflow"), ("DRAEM", "draem"),
                ("UniAD", "uniad"), ("Ours (Lu et al.)", "ours")]
-    lines = ["| method | (pixel AUROC, PRO) | image AUROC | quoted from |", "|---|---|---|---|"]
-    lines += [f"| {name}† | ({average[f'{k}_pixel_auroc']:.1f}, {average[f'{k}_pro']:.1f}) | – | "
-              "Lu et al. (ICCV 2023), Table 1 |" for name, k in columns]
-    lines += [f"| {q['label']}† | ({q['pixel_auroc']:.1f}, {q['pro']:.1f}) | {q['image_auroc']:.1f} | {q['source']} |"
-              for q in quoted_averages.values()]
-    lines += ["", "MVTec-AD averages over the 15 categories in percent, all quoted (†), none computed by diffad."]
-    lines += [""] + [f"{q['label']}: {q['settings']}." for q in quoted_averages.values()]
-    return "\n".join(lines)
+    body = [[f"{name}†", f"({average[f'{k}_pixel_auroc']:.1f}, {average[f'{k}_pro']:.1f})", "–",
+             "Lu et al. (ICCV 2023), Table 1"] for name, k in columns]
+    body += [[f"{q['label']}†", f"({q['pixel_auroc']:.1f}, {q['pro']:.1f})", f"{q['image_auroc']:.1f}", q["source"]]
+             for q in quoted_averages.values()]
+    notes = ["MVTec-AD averages over the 15 categories in percent, all quoted (†), none computed by diffad.", ""]
+    notes += [f"{q['label']}: {q['settings']}." for q in quoted_averages.values()]
+    return markdown_table(["method", "(pixel AUROC, PRO)", "image AUROC", "quoted from"], body, notes)
 
 
 def paper_pattern(rows: list[dict], method: str = "ensemble", rival: str = "padim",
