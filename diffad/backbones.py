@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffad.io import read_state_dict
+
 __all__ = [
     "DEFAULT_BACKBONE",
     "PAPER_BACKBONE",
@@ -148,25 +150,7 @@ def backbone_info(name: str) -> list[dict]:
 
 def _read_state_dict(path: str | os.PathLike) -> "OrderedDict[str, torch.Tensor]":
     """Load a state dict from .pth/.pt/.bin/.safetensors, unwrapping common containers."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read weights file {path}: {err}") from err
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return OrderedDict(obj)
+    return read_state_dict(path, what="weights")
 
 
 def _is_lukemelas_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
-__all__ = ["cache_dir", "atomic_save", "load_torch_file", "tensor_bytes", "InsufficientDiskSpace"]
+__all__ = ["cache_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace"]
 
 # torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
 _SAVE_OVERHEAD = 1.02
@@ -94,3 +96,38 @@ def load_torch_file(path: str | Path, mmap: bool = True):
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
     except Exception as exc:  # a truncated or foreign file
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+# Keys under which checkpoints of other projects wrap their state dict (timm: state_dict_ema).
+STATE_DICT_WRAPPERS = ("state_dict", "model", "state_dict_ema")
+
+
+def read_state_dict(path: str | Path, map_location="cpu", what: str = "checkpoint") -> "OrderedDict[str, torch.Tensor]":
+    """A state dict of tensors from a .pt/.pth/.bin or .safetensors file, with clear errors otherwise.
+
+    Accepts a plain state dict (what guided-diffusion saves) or a dict holding one under one of
+    ``STATE_DICT_WRAPPERS``. Torch files load with ``weights_only=True`` (no arbitrary code).
+    ``what`` names the file in messages ("checkpoint", "weights file").
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device=str(map_location))
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load raises many types on foreign bytes; all mean the same here
+        raise ValueError(f"{path} is not a readable torch {what} ({type(error).__name__}: {error})") from error
+    if isinstance(obj, Mapping):
+        for wrapper in STATE_DICT_WRAPPERS:
+            if wrapper in obj and isinstance(obj[wrapper], Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    return OrderedDict(obj)

@@ -153,9 +153,14 @@ def training_fields(preset: Preset) -> dict[str, Any]:
             if k not in SCORING_FIELDS and k not in RUNTIME_FIELDS and k != "category_overrides"}
 
 
+def fingerprint(fields: dict[str, Any], length: int = 8) -> str:
+    """A short, stable hash of named field values (to name folders and key caches by settings)."""
+    return hashlib.sha1(repr(sorted(fields.items())).encode()).hexdigest()[:length]
+
+
 def training_fingerprint(preset: Preset) -> str:
     """A short hash of :func:`training_fields`, to name a run's folder by its training settings."""
-    return hashlib.sha1(repr(sorted(training_fields(preset).items())).encode()).hexdigest()[:8]
+    return fingerprint(training_fields(preset), 8)
 
 
 PAPER = Preset(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn as nn
+
+from diffad.io import read_state_dict
 
 __all__ = [
     "GUIDED_DIFFUSION_URLS",
@@ -36,31 +37,6 @@ _SHOW = 5  # offending keys listed in an error message
 def _first(keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOW])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOW else "")
-
-
-def read_state_dict(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a state dict of tensors from a torch file, with clear errors for anything else.
-
-    Accepts a plain state dict (what guided-diffusion saves) or a dict holding one under
-    ``"state_dict"`` or ``"model"``. Loads with ``weights_only=True`` (no arbitrary code).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch.load raises many types on foreign bytes; all mean the same here
-        raise ValueError(f"{path} is not a readable torch checkpoint ({type(error).__name__}: {error})") from error
-    if isinstance(obj, Mapping):
-        for wrapper in ("state_dict", "model"):
-            if wrapper in obj and isinstance(obj[wrapper], Mapping):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, Mapping) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
-    return dict(obj)
 
 
 def load_guided_diffusion_checkpoint(
