@@ -1,7 +1,15 @@
 """diffad: Removing Anomalies as Noises for Industrial Defect Localization (ICCV 2023).
 
 The library grows out of the book: each module maps to a chapter (data, backbones,
-diffusion, models, train, scoring, denoise, baselines, metrics, evaluate).
+diffusion, models, train, scoring, denoise, baselines, metrics, evaluate), on a few shared
+helpers (device, io, checks, smoothing, tables).
+
+Timesteps, one convention everywhere: ``t_original`` is a step of the model's T = 1000
+training steps; ``t_index`` indexes a respaced schedule (the preset's ``timestep_respacing``:
+with "250", index 5 is original step 20). ``score_raw(t_indices=...)``, ``Preset.test_timesteps``
+and ``feature_prediction(t_index)`` take indices; ``reconstruct(t_original=...)``,
+``noise_sweep``/``timestep_profile(t_originals)`` take original steps; ``gradient_denoise``'s
+``pull_t_index`` indexes the schedule its ``respacing`` names ("" = original steps).
 """
 
 __version__ = "0.1.0"

@@ -123,9 +123,9 @@ class NoiseSweep:
 
 
 @torch.no_grad()
-def noise_sweep(model: TrainedModel, image: torch.Tensor, mask, timesteps, category: str | None = None,
+def noise_sweep(model: TrainedModel, image: torch.Tensor, mask, t_originals, category: str | None = None,
                 seed: int = 0, draws: int = 4) -> NoiseSweep:
-    """Noise ``image`` (3, H, W) in [0, 1] to each of ``timesteps`` (of the model's T steps) and measure.
+    """Noise ``image`` (3, H, W) in [0, 1] to each step of ``t_originals`` (of the model's T steps) and measure.
 
     The same unit noise is scaled to every t within a draw, so the images differ only in the
     noise level. One UNet pass per (t, draw) gives x0_hat and the KL map, as in scoring.
@@ -142,7 +142,7 @@ def noise_sweep(model: TrainedModel, image: torch.Tensor, mask, timesteps, categ
     if not mask.any():
         raise ValueError("mask is empty: noise_sweep needs a defective image and its defect mask")
     diffusion = build_diffusion(model.preset)
-    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps, low=1)  # t = 0 has no KL term
+    timesteps = _check_timesteps(t_originals, diffusion.num_timesteps, low=1)  # t = 0 has no KL term
     unet = model.unet.eval()
     device = next(unet.parameters()).device
     x0 = to_diffusion_range(image.float()).to(device)[None]
@@ -194,12 +194,13 @@ class TimestepProfile:
 
 
 @torch.no_grad()
-def timestep_profile(model: TrainedModel, images: torch.Tensor, timesteps, category: str | None = None,
+def timestep_profile(model: TrainedModel, images: torch.Tensor, t_originals, category: str | None = None,
                      seed: int = 0) -> TimestepProfile:
-    """Loss terms and learned variance of ``model`` on ``images`` (N, 3, H, W) in [0, 1] at each t."""
+    """Loss terms and learned variance of ``model`` on ``images`` (N, 3, H, W) in [0, 1] at each step of
+    ``t_originals`` (the model's T training steps)."""
     images = check_images(images, image_size=model.preset.image_size)
     diffusion = build_diffusion(model.preset)
-    timesteps = _check_timesteps(timesteps, diffusion.num_timesteps)
+    timesteps = _check_timesteps(t_originals, diffusion.num_timesteps)
     unet = model.unet.eval()
     device = next(unet.parameters()).device
     x0 = to_diffusion_range(images.float()).to(device)
@@ -225,11 +226,11 @@ def timestep_profile(model: TrainedModel, images: torch.Tensor, timesteps, categ
 
 
 @torch.no_grad()
-def feature_prediction(model: TrainedModel, images: torch.Tensor, t: int, category: str | None = None,
+def feature_prediction(model: TrainedModel, images: torch.Tensor, t_index: int, category: str | None = None,
                        seed: int = 0, extractor=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The feature head's prediction from x_t against the backbone's features of the clean image.
 
-    ``images`` (N, 3, H, W) in [0, 1] are noised once to step ``t`` of the scoring schedule (the
+    ``images`` (N, 3, H, W) in [0, 1] are noised once to step ``t_index`` of the scoring schedule (the
     preset's ``timestep_respacing``, as in :func:`diffad.scoring.score_raw`). Returns the target
     features (N, C, h, w) (standardised as the head was trained), the prediction (N, C, h, w) and
     the channel-mean squared error (N, h, w), all on the CPU. ``extractor`` defaults to the
@@ -237,7 +238,7 @@ def feature_prediction(model: TrainedModel, images: torch.Tensor, t: int, catego
     """
     images = check_images(images, image_size=model.preset.image_size)
     diffusion = build_diffusion(model.preset, model.preset.timestep_respacing)
-    (t,) = _check_timesteps((t,), diffusion.num_timesteps)
+    (t,) = _check_timesteps((t_index,), diffusion.num_timesteps)
     unet = model.unet.eval()
     device = next(unet.parameters()).device
     extractor = extractor if extractor is not None else build_feature_extractor(model.preset, device)

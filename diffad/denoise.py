@@ -85,7 +85,7 @@ def gradient_denoise(
     rounds: int = 100,
     inner_steps: int = 5,
     step_size: float | None = None,
-    pull_timestep: int | None = 8,
+    pull_t_index: int | None = 8,
     stochastic: bool = False,
     category: str | None = None,
     record_every: int = 10,
@@ -95,11 +95,11 @@ def gradient_denoise(
     """Move ``image`` (N, 3, H, W) in [0, 1] towards normal images; returns the :class:`Trajectory`.
 
     Each of ``rounds`` rounds takes ``inner_steps`` gradient steps down the PaDiM loss, then one
-    reverse step of the diffusion model at ``pull_timestep`` (None: no pull, gradient steps only).
+    reverse step of the diffusion model at step ``pull_t_index`` (None: no pull, gradient steps only).
     ``stochastic`` samples that reverse step instead of taking its mean (noise from
-    ``generator``; None uses the global RNG). ``pull_timestep`` indexes the
-    model's schedule, unspaced by default; ``respacing="250"`` reads it on the paper's scoring
-    schedule instead (where 8 is original step 32). An image is recorded every
+    ``generator``; None uses the global RNG). ``pull_t_index`` indexes the schedule that
+    ``respacing`` gives: the model's own T steps by default (an original step), the paper's
+    250-step scoring schedule with ``respacing="250"`` (where 8 is original step 32). An image is recorded every
     ``record_every`` rounds and at the end. ``padim`` (fitted at the model's image size) is
     moved to the UNet's device.
     """
@@ -119,11 +119,11 @@ def gradient_denoise(
     if padim.device != device:
         padim.to(device)
     diffusion = None
-    if pull_timestep is not None:
+    if pull_t_index is not None:
         diffusion = build_diffusion(model.preset, respacing)
-        if not isinstance(pull_timestep, int) or not 0 <= pull_timestep < diffusion.num_timesteps:
+        if not isinstance(pull_t_index, int) or not 0 <= pull_t_index < diffusion.num_timesteps:
             raise ValueError(
-                f"pull_timestep must be an int in [0, {diffusion.num_timesteps}) or None, got {pull_timestep!r}"
+                f"pull_t_index must be an int in [0, {diffusion.num_timesteps}) or None, got {pull_t_index!r}"
             )
     model_kwargs = model.unet_kwargs(category, image.shape[0], device)
 
@@ -140,9 +140,9 @@ def gradient_denoise(
         for _ in range(inner_steps):
             x = gradient_step(padim, x, step_size)
         if diffusion is not None:
-            out = diffusion.p_mean_variance(unet, x, pull_timestep, clip_denoised=True, model_kwargs=model_kwargs)
+            out = diffusion.p_mean_variance(unet, x, pull_t_index, clip_denoised=True, model_kwargs=model_kwargs)
             x = out["mean"]
-            if stochastic and pull_timestep > 0:
+            if stochastic and pull_t_index > 0:
                 noise_device = generator.device if generator is not None else "cpu"
                 noise = torch.randn(x.shape, generator=generator, device=noise_device).to(device)
                 x = x + torch.exp(0.5 * out["log_variance"]) * noise
@@ -166,16 +166,16 @@ def _reverse_process(base: GaussianDiffusion, t: int, steps: int | None) -> Gaus
 def reconstruct(
     model: TrainedModel,
     image: torch.Tensor,
-    t: int = 200,
+    t_original: int = 200,
     category: str | None = None,
     seed: int = 0,
     steps: int | None = None,
     method: str = "ddpm",
     eta: float = 0.0,
 ) -> torch.Tensor:
-    """Noise ``image`` (N, 3, H, W) in [0, 1] to step ``t`` (of the model's T steps), denoise back to 0.
+    """Noise ``image`` (N, 3, H, W) in [0, 1] to step ``t_original`` (of the model's T steps), denoise back to 0.
 
-    ``steps``: reverse steps to take (None: all t + 1; k: k evenly spaced steps from t to 0).
+    ``steps``: reverse steps to take (None: all t_original + 1; k: k evenly spaced steps down to 0).
     ``method``: ``"ddpm"`` (ancestral sampling) or ``"ddim"`` (deterministic for ``eta=0``).
     All noise comes from a generator seeded with ``seed`` on the model's device, so the
     result is reproducible on one device. Returns the reconstruction in [0, 1] on the CPU.
@@ -184,10 +184,11 @@ def reconstruct(
         raise ValueError(f"method must be one of {RECONSTRUCTION_METHODS}, got {method!r}")
     image = check_images(image, "image", image_size=model.preset.image_size)
     base = build_diffusion(model.preset)
+    t = t_original
     if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < base.num_timesteps:
-        raise ValueError(f"t must be an int in [0, {base.num_timesteps}), got {t!r}")
+        raise ValueError(f"t_original must be an int in [0, {base.num_timesteps}), got {t!r}")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= t + 1):
-        raise ValueError(f"steps must be None or an int in [1, t + 1 = {t + 1}], got {steps!r}")
+        raise ValueError(f"steps must be None or an int in [1, t_original + 1 = {t + 1}], got {steps!r}")
     unet = model.unet.eval()
     device = _device_of(unet)
     model_kwargs = model.unet_kwargs(category, image.shape[0], device)

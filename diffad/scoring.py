@@ -113,7 +113,7 @@ def score_raw(
     model: TrainedModel,
     images: torch.Tensor,
     category: str | None = None,
-    timesteps: tuple[int, ...] | None = None,
+    t_indices: tuple[int, ...] | None = None,
     timestep_mode: str | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -121,9 +121,13 @@ def score_raw(
     extractor=None,
     progress: bool = False,
 ) -> RawMaps:
-    """KL, RGB and feature maps of ``images`` (N, 3, H, W) in [0, 1] at each test timestep."""
+    """KL, RGB and feature maps of ``images`` (N, 3, H, W) in [0, 1] at each test timestep.
+
+    ``t_indices`` (default: the preset's ``test_timesteps``) index the scoring schedule, the
+    preset's ``timestep_respacing`` of the T training steps (with "250", index 5 is original step 20).
+    """
     preset = model.preset
-    timesteps = tuple(preset.test_timesteps if timesteps is None else timesteps)
+    timesteps = tuple(preset.test_timesteps if t_indices is None else t_indices)
     mode = timestep_mode or preset.timestep_mode
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {mode!r}")

@@ -72,7 +72,7 @@ def test_trajectory_shapes_and_records(model, padim, anomalous):
 
 
 def test_loss_decreases_along_gradient_steps_without_pull(model, padim, anomalous):
-    trajectory = gradient_denoise(model, padim, anomalous, rounds=4, inner_steps=2, pull_timestep=None,
+    trajectory = gradient_denoise(model, padim, anomalous, rounds=4, inner_steps=2, pull_t_index=None,
                                   record_every=1)
     losses = torch.stack(trajectory.losses)  # (records, images)
     assert trajectory.steps == [0, 1, 2, 3, 4]
@@ -87,7 +87,7 @@ def test_loss_decreases_along_gradient_steps_without_pull(model, padim, anomalou
 def test_one_gradient_step_follows_the_update_rule(model, padim, anomalous):
     step_size = 0.05
     result = gradient_denoise(model, padim, anomalous, rounds=1, inner_steps=1, step_size=step_size,
-                              pull_timestep=None).result
+                              pull_t_index=None).result
     x = to_diffusion_range(anomalous).requires_grad_(True)
     loss = padim.grid_scores(from_diffusion_range(x)).mean(dim=(1, 2)).sum()
     (grad,) = torch.autograd.grad(loss, x)
@@ -97,7 +97,7 @@ def test_one_gradient_step_follows_the_update_rule(model, padim, anomalous):
 
 
 def test_pull_is_the_reverse_step_mean(model, padim, anomalous):
-    result = gradient_denoise(model, padim, anomalous, rounds=1, inner_steps=0, pull_timestep=8).result
+    result = gradient_denoise(model, padim, anomalous, rounds=1, inner_steps=0, pull_t_index=8).result
     diffusion = build_diffusion(model.preset)
     with torch.no_grad():
         mean = diffusion.p_mean_variance(model.unet, to_diffusion_range(anomalous), 8)["mean"]
@@ -120,7 +120,7 @@ def test_class_conditional_model_needs_a_category(padim, anomalous):
     with pytest.raises(ValueError, match="category"):
         gradient_denoise(conditional, padim, anomalous, rounds=1, inner_steps=0)
     with pytest.raises(ValueError, match="not on 'c'"):
-        reconstruct(conditional, anomalous, t=3, category="c")
+        reconstruct(conditional, anomalous, t_original=3, category="c")
     a = gradient_denoise(conditional, padim, anomalous, rounds=1, inner_steps=0, category="a").result
     b = gradient_denoise(conditional, padim, anomalous, rounds=1, inner_steps=0, category="b").result
     assert not torch.equal(a, b)  # the label reaches the UNet
@@ -129,8 +129,8 @@ def test_class_conditional_model_needs_a_category(padim, anomalous):
 def test_gradient_denoise_errors(model, padim, anomalous):
     with pytest.raises(ValueError, match="trained at 32x32"):
         gradient_denoise(model, padim, F.interpolate(anomalous, size=64), rounds=1)
-    with pytest.raises(ValueError, match="pull_timestep"):
-        gradient_denoise(model, padim, anomalous, rounds=1, pull_timestep=1000)
+    with pytest.raises(ValueError, match="pull_t_index"):
+        gradient_denoise(model, padim, anomalous, rounds=1, pull_t_index=1000)
     with pytest.raises(ValueError, match="not fitted"):
         gradient_denoise(model, PaDiM(padim.extractor, n_features=4, device="cpu"), anomalous, rounds=1)
     with pytest.raises(ValueError, match="rounds"):
@@ -157,32 +157,32 @@ class CountingUNet(torch.nn.Module):
 
 
 def test_reconstruct_shapes_range_and_determinism(model, anomalous):
-    first = reconstruct(model, anomalous, t=10, seed=0)
+    first = reconstruct(model, anomalous, t_original=10, seed=0)
     assert first.shape == anomalous.shape and first.min() >= 0 and first.max() <= 1
-    assert torch.equal(first, reconstruct(model, anomalous, t=10, seed=0))
-    assert not torch.equal(first, reconstruct(model, anomalous, t=10, seed=1))
-    ddim = reconstruct(model, anomalous, t=10, steps=4, method="ddim")
+    assert torch.equal(first, reconstruct(model, anomalous, t_original=10, seed=0))
+    assert not torch.equal(first, reconstruct(model, anomalous, t_original=10, seed=1))
+    ddim = reconstruct(model, anomalous, t_original=10, steps=4, method="ddim")
     assert ddim.shape == anomalous.shape
-    assert torch.equal(ddim, reconstruct(model, anomalous, t=10, steps=4, method="ddim", seed=0))
-    assert not torch.equal(ddim, reconstruct(model, anomalous, t=10, steps=4, method="ddim", seed=1))
+    assert torch.equal(ddim, reconstruct(model, anomalous, t_original=10, steps=4, method="ddim", seed=0))
+    assert not torch.equal(ddim, reconstruct(model, anomalous, t_original=10, steps=4, method="ddim", seed=1))
 
 
 def test_reconstruct_visits_the_right_timesteps(model, anomalous):
     counting = CountingUNet(model.unet)
     wrapped = TrainedModel(model.preset, model.categories, counting, model.feature_channels)
-    reconstruct(wrapped, anomalous, t=6)
+    reconstruct(wrapped, anomalous, t_original=6)
     assert counting.calls == [6, 5, 4, 3, 2, 1, 0]
     counting.calls.clear()
-    reconstruct(wrapped, anomalous, t=20, steps=3, method="ddim")
+    reconstruct(wrapped, anomalous, t_original=20, steps=3, method="ddim")
     assert counting.calls == [20, 10, 0]
     counting.calls.clear()
-    reconstruct(wrapped, anomalous, t=20, steps=1)
+    reconstruct(wrapped, anomalous, t_original=20, steps=1)
     assert counting.calls == [20]
 
 
 def test_one_step_reconstruction_is_the_x0_prediction(model, anomalous):
     t = 15
-    result = reconstruct(model, anomalous, t=t, steps=1, seed=3)
+    result = reconstruct(model, anomalous, t_original=t, steps=1, seed=3)
     diffusion = build_diffusion(model.preset)
     x0 = to_diffusion_range(anomalous)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
@@ -193,14 +193,14 @@ def test_one_step_reconstruction_is_the_x0_prediction(model, anomalous):
 
 
 def test_reconstruct_errors(model, anomalous):
-    with pytest.raises(ValueError, match="t must be"):
-        reconstruct(model, anomalous, t=1000)
+    with pytest.raises(ValueError, match="t_original must be"):
+        reconstruct(model, anomalous, t_original=1000)
     with pytest.raises(ValueError, match="steps"):
-        reconstruct(model, anomalous, t=5, steps=7)
+        reconstruct(model, anomalous, t_original=5, steps=7)
     with pytest.raises(ValueError, match="method"):
-        reconstruct(model, anomalous, t=5, method="euler")
+        reconstruct(model, anomalous, t_original=5, method="euler")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        reconstruct(model, anomalous[0], t=5)
+        reconstruct(model, anomalous[0], t_original=5)
 
 
 def test_step_size_defaults_to_the_presets(model, padim, anomalous):
@@ -208,7 +208,7 @@ def test_step_size_defaults_to_the_presets(model, padim, anomalous):
     assert get_preset("paper").denoise_step_size == 0.02
     assert get_preset("cpu").denoise_step_size == pytest.approx(0.02 * 64 / 256)
     own = model.preset.denoise_step_size
-    kwargs = dict(rounds=2, inner_steps=2, pull_timestep=None)
+    kwargs = dict(rounds=2, inner_steps=2, pull_t_index=None)
     default = gradient_denoise(model, padim, anomalous, **kwargs).result
     assert torch.equal(default, gradient_denoise(model, padim, anomalous, step_size=own, **kwargs).result)
     assert not torch.allclose(default, gradient_denoise(model, padim, anomalous, step_size=own / 2, **kwargs).result)

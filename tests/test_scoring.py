@@ -38,16 +38,16 @@ def test_one_unet_pass_per_timestep_and_deterministic(tiny_model, test_images):
     images = test_images[0]
     counting = CountingUNet(tiny_model.unet)
     model = type(tiny_model)(tiny_model.preset, tiny_model.categories, counting, tiny_model.feature_channels)
-    raw = score_raw(model, images, timesteps=(1, 4, 9), batch_size=4, seed=3)
+    raw = score_raw(model, images, t_indices=(1, 4, 9), batch_size=4, seed=3)
     assert counting.calls == 3 * 2  # 3 timesteps x 2 batches (6 images, batch 4)
     for kind in MAP_TYPES:
         assert raw.get(kind).shape == (6, 3, 32, 32)
         assert torch.isfinite(raw.get(kind)).all()
     assert (raw.kl >= -1e-6).all() and (raw.rgb >= 0).all() and (raw.feature >= 0).all()
     # Same seed, other batch size: same maps (noise is tied to the image, not the batch).
-    again = score_raw(model, images, timesteps=(1, 4, 9), batch_size=6, seed=3)
+    again = score_raw(model, images, t_indices=(1, 4, 9), batch_size=6, seed=3)
     assert torch.allclose(raw.kl, again.kl, atol=1e-5) and torch.allclose(raw.feature, again.feature, atol=1e-5)
-    other = score_raw(model, images, timesteps=(1, 4, 9), batch_size=6, seed=4)
+    other = score_raw(model, images, t_indices=(1, 4, 9), batch_size=6, seed=4)
     assert not torch.allclose(raw.kl, other.kl)
 
 
@@ -55,9 +55,9 @@ def test_authors_timestep_mode_spends_a_second_pass(tiny_model, test_images):
     counting = CountingUNet(tiny_model.unet)
     model = type(tiny_model)(tiny_model.preset.replace(timestep_respacing="250"), tiny_model.categories, counting,
                              tiny_model.feature_channels)
-    consistent = score_raw(model, test_images[0][:2], timesteps=(5,), timestep_mode="consistent")
+    consistent = score_raw(model, test_images[0][:2], t_indices=(5,), timestep_mode="consistent")
     assert counting.calls == 1
-    authors = score_raw(model, test_images[0][:2], timesteps=(5,), timestep_mode="authors")
+    authors = score_raw(model, test_images[0][:2], t_indices=(5,), timestep_mode="authors")
     assert counting.calls == 3
     # Same noise and KL branch; the feature branch saw another timestep embedding.
     assert torch.allclose(consistent.kl, authors.kl, atol=1e-5)
@@ -126,7 +126,7 @@ def test_bad_inputs_are_named(tiny_model, test_images):
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         score_raw(tiny_model, torch.rand(1, 3, 32, 32) * 2 - 1)
     with pytest.raises(ValueError, match="test timesteps"):
-        score_raw(tiny_model, test_images[0][:1], timesteps=(5000,))
+        score_raw(tiny_model, test_images[0][:1], t_indices=(5000,))
 
 
 def _recording(preset):
