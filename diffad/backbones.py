@@ -376,8 +376,10 @@ class FeatureExtractor(nn.Module):
         pretrained: bool = True,
         weights_path: str | os.PathLike | None = None,
         input_size: int | Sequence[int] | None = None,
+        imagenet_normalize: bool = True,
     ):
         super().__init__()
+        self.imagenet_normalize = bool(imagenet_normalize)
         _check_model_name(name)
         layers = default_layers(name) if layers is None else tuple(layers)
         if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
@@ -447,7 +449,10 @@ class FeatureExtractor(nn.Module):
 
     # ------------------------------------------------------------------- forward
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] images -> backbone input: [0, 1], then (x - mean) / std."""
+        """[-1, 1] images -> backbone input: [0, 1], then (x - mean) / std; unchanged with
+        ``imagenet_normalize=False`` (the authors' code feeds the [-1, 1] image as it is)."""
+        if not self.imagenet_normalize:
+            return images
         return ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
@@ -477,10 +482,11 @@ class FeatureExtractor(nn.Module):
         """The raw stage maps (each at its own stride) for images in [-1, 1]."""
         return list(self.model(self._prepare(images)))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, out_channels, *output_grid(H, W))."""
+    def forward(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, out_channels, *output_grid(H, W)), or on ``grid`` (each stage
+        resized to it directly, as the authors' code builds its 16x16 test targets)."""
         x = self._prepare(images)
-        grid = self.output_grid(*images.shape[-2:])
+        grid = self.output_grid(*images.shape[-2:]) if grid is None else tuple(grid)
         maps = self.model(x)
         resized = [
             m if tuple(m.shape[-2:]) == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)

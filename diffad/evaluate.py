@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffad.data import MVTecAD, is_builtin, list_categories
-from diffad.metrics import image_auroc, pixel_auroc, pro
+from diffad.metrics import image_auroc, pixel_auroc, pro, pro_authors
 from diffad.presets import Preset, get_preset
 from diffad.scoring import RawMaps, final_maps, score_raw
 from diffad.tables import markdown_table
@@ -57,19 +57,27 @@ class CategoryData:
         common = dict(image_size=preset.image_size, val_fraction=preset.val_fraction, seed=preset.seed)
         train = MVTecAD(data_root, category, split="train", **common)
         val = MVTecAD(data_root, category, split="val", **common)
-        test = MVTecAD(data_root, category, split="test", **common)
+        test = MVTecAD(data_root, category, split="test", mask_rule=preset.mask_rule, **common)
         test_images, test_masks, test_labels = test.stack()
         return cls(category, train.stack()[0], val.stack()[0], test_images, test_masks[:, 0], test_labels,
                    [test[i]["defect_type"] for i in range(len(test))])
 
 
-def metric_row(category: str, method: str, masks, maps, labels, scores) -> dict:
-    """One results row: pixel AUROC and PRO over the maps, image AUROC over the scores."""
+PRO_IMPLEMENTATIONS = {"exact": pro, "authors": pro_authors}
+
+
+def metric_row(category: str, method: str, masks, maps, labels, scores, pro_implementation: str = "exact") -> dict:
+    """One results row: pixel AUROC and PRO over the maps, image AUROC over the scores.
+
+    ``pro_implementation``: "exact" (MVTec's PRO) or "authors" (their thinned approximation).
+    """
+    if pro_implementation not in PRO_IMPLEMENTATIONS:
+        raise ValueError(f"pro_implementation must be one of {sorted(PRO_IMPLEMENTATIONS)}, got {pro_implementation!r}")
     return {
         "category": category,
         "method": method,
         "pixel_auroc": pixel_auroc(masks, maps),
-        "pro": pro(masks, maps),
+        "pro": PRO_IMPLEMENTATIONS[pro_implementation](masks, maps),
         "image_auroc": image_auroc(labels, scores),
     }
 
@@ -104,7 +112,8 @@ def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, pres
     rows, scores = [], {}
     for method in ("ensemble", "kl", "rgb", "feature"):
         scores[method] = all_scores[method]
-        rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method]))
+        rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method],
+                               preset.pro_implementation))
     return rows, maps, scores
 
 
@@ -123,7 +132,8 @@ def baseline_rows(data: CategoryData, preset: Preset, device=None,
         method = classes[name](extractor=extractor, device=device)
         method.fit(data.train_images)
         maps[name], scores[name] = method.predict(data.test_images)
-        rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels, scores[name]))
+        rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels, scores[name],
+                               preset.pro_implementation))
     return rows, maps, scores
 
 

@@ -45,6 +45,7 @@ class Preset:
     backbone_input_size: int | None = None  # resize images to this before the backbone
     feature_loss_weight: float = 1.0
     standardize_features: bool = False  # z-score each target channel with training statistics
+    backbone_normalization: bool = True  # ImageNet-normalise the backbone's input (False: [-1, 1] as is, the authors' code)
     # training
     batch_size: int = 2
     train_steps: int = 10_000
@@ -65,11 +66,15 @@ class Preset:
     timestep_respacing: str = "250"
     test_timesteps: tuple[int, ...] = (5, 50, 100)  # indices into the respaced schedule
     timestep_mode: str = "consistent"  # or "authors": raw t as the feature branch's embedding
+    test_feature_grid: int | None = None  # feature branch at test on this grid (None: the head's own; authors: 16)
+    kl_standardization: str = "none"  # "authors": z-score each image's 3xHxW KL map per timestep before the RGB mean
     alpha: float = 0.5
     normalization: str = "per_image"  # of the maps: "per_image" (paper) or "validation"
     image_normalization: str | None = None  # of the maps the image score reads; None: the same
     smoothing_sigma: float = 0.0  # Gaussian blur of the maps, in pixels at image_size
     top_k: int = 64  # image score: mean of the top-k pixels at 256x256, scaled with the area
+    mask_rule: str = "any"  # ground truth: "any" nonzero pixel; "authors": resized like the image, == 255 only
+    pro_implementation: str = "exact"  # "exact" (MVTec's) or "authors" (thinned thresholds, metrics.pro_authors)
     score_batch_size: int = 8
     # gradient denoising (diffad.denoise): the paper's s = 0.02 at 256 px; on smaller images one
     # step moves a larger share of the picture, so the cpu preset scales it with the image side
@@ -126,7 +131,8 @@ def field_names() -> list[str]:
 # Fields that only change how a trained model is scored (or how often it is saved): a model
 # trained under one value serves them all, so they never force retraining.
 SCORING_FIELDS = frozenset({
-    "name", "checkpoint_every", "timestep_respacing", "test_timesteps", "timestep_mode", "alpha",
+    "name", "checkpoint_every", "timestep_respacing", "test_timesteps", "timestep_mode", "test_feature_grid",
+    "kl_standardization", "mask_rule", "pro_implementation", "alpha",
     "normalization", "image_normalization", "smoothing_sigma", "top_k", "score_batch_size",
     "denoise_step_size",
 })
@@ -234,7 +240,34 @@ CPU = Preset(
     category_overrides={texture: {"train_steps": 600, "lr_anneal_steps": 600} for texture in TEXTURES_TRAINED_LONGER},
 )
 
-PRESETS: dict[str, Preset] = {"paper": PAPER, "cpu": CPU}
+# What the authors' released code (VandyLu/anomaly_diff) does where it departs from the paper's text,
+# each a field of its own so that the book can switch them one at a time (chapter 11):
+AUTHORS = PAPER.replace(
+    name="authors",
+    # scripts/image_train.py via train_util.py: guided-diffusion's trainer, no gradient clipping
+    grad_clip=None,
+    # train.sh --use_fp16 True: fp16 with loss scaling on every GPU (bf16 where we would choose it)
+    precision="fp16",
+    # guided_diffusion/image_datasets.py: arr / 127.5 - 1 goes to EfficientNet-b4 as it is
+    backbone_normalization=False,
+    # gaussian_diffusion.py calc_bpd_loop: the feature branch is called with the raw respaced index
+    timestep_mode="authors",
+    # script_util.py feat_shape=16 (test.sh passes none): decoder features and targets shrunk to 16x16
+    test_feature_grid=16,
+    # calc_bpd_loop: vb = (vb - vb.mean()) / vb.std() over the image's 3xHxW KL, then mean over t and RGB;
+    # the feature error is never normalised, and the maps are summed 1:1 (alpha 0.5 up to scale)
+    kl_standardization="authors",
+    normalization="none",
+    # scripts/image_anomaly.py: gt_masks = (gt / 255).long() after the image's resizing
+    mask_rule="authors",
+    # mvtec_tools/mvtec_evaluate.py pro(): roc_curve thresholds thinned to about 1000, flat step to 0.3
+    pro_implementation="authors",
+)
+# Not (yet) fields, so not in AUTHORS: every training image (no validation split: our image scores and
+# "validation" normalisation need one); the EMA without warm-up; PIL box-halving + bicubic image
+# resizing; lukemelas EfficientNet-b4 with static same-padding for 380 px (timm's b4 pads dynamically).
+
+PRESETS: dict[str, Preset] = {"paper": PAPER, "cpu": CPU, "authors": AUTHORS}
 
 
 def get_preset(name_or_preset: str | Preset = "cpu", **overrides) -> Preset:

@@ -71,13 +71,14 @@ class OnePass:
     """
 
     def __init__(self, model: TrainedModel, diffusion, x0: torch.Tensor, t_index: int, noise: torch.Tensor,
-                 category: str | None = None, features: bool = True):
+                 category: str | None = None, features: bool = True, feature_grid: int | None = None):
         b = x0.shape[0]
         self.diffusion, self.x0, self.noise = diffusion, x0, noise
         self.t = torch.full((b,), t_index, device=x0.device, dtype=torch.long)
         self.x_t = diffusion.q_sample(x0, self.t, noise=noise)
         self.label = model.unet_kwargs(category, b, x0.device)
-        out = model.unet(self.x_t, diffusion.model_timesteps(self.t), return_features=features, **self.label)
+        extra = {"feature_grid": feature_grid} if features and feature_grid else {}
+        out = model.unet(self.x_t, diffusion.model_timesteps(self.t), return_features=features, **extra, **self.label)
         output, feats = out if features else (out, None)
         self.output = output.float()
         self.features = feats.float() if feats is not None else None
@@ -105,7 +106,16 @@ class OnePass:
 # The preset fields score_raw reads that shape the raw per-timestep maps (with image_size); the
 # others (alpha, normalisation, smoothing, top-k) are applied afterwards by anomaly_maps, and the
 # batch size does not change the maps (each image has its own noise).
-RAW_MAP_FIELDS = ("timestep_respacing", "test_timesteps", "timestep_mode")
+RAW_MAP_FIELDS = ("timestep_respacing", "test_timesteps", "timestep_mode", "test_feature_grid", "kl_standardization")
+KL_STANDARDIZATIONS = ("none", "authors")
+
+
+def standardize_kl_authors(kl: torch.Tensor) -> torch.Tensor:
+    """The authors' KL normalisation: z-score each image's whole (3, H, W) map (``vb = (vb - vb.mean()) /
+    vb.std()`` in their ``calc_bpd_loop``, test batch size 1), before the mean over RGB."""
+    mean = kl.mean(dim=(1, 2, 3), keepdim=True)
+    std = kl.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    return (kl - mean) / std
 
 
 @torch.no_grad()
@@ -131,6 +141,11 @@ def score_raw(
     mode = timestep_mode or preset.timestep_mode
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {mode!r}")
+    if preset.kl_standardization not in KL_STANDARDIZATIONS:
+        raise ValueError(f"kl_standardization must be one of {KL_STANDARDIZATIONS}; got {preset.kl_standardization!r}")
+    grid = preset.test_feature_grid
+    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+        raise ValueError(f"test_feature_grid must be None or a positive int, got {grid!r}")
     images = check_images(images, image_size=preset.image_size)
     diffusion = build_diffusion(preset, preset.timestep_respacing)
     bad = [t for t in timesteps if not 0 <= t < diffusion.num_timesteps]
@@ -149,14 +164,18 @@ def score_raw(
         x0 = to_diffusion_range(images[start:start + batch_size]).to(device)
         b = x0.shape[0]
         noise = torch.stack([_noise_for(start + i, seed, x0.shape[1:], k) for i in range(b)], dim=1).to(device)
-        target = model.feature_target(extractor(x0))
+        target = model.feature_target(extractor(x0, grid=(grid, grid)) if grid else extractor(x0))
         label = model.unet_kwargs(category, b, device)
         for j, t_index in enumerate(timesteps):
-            one = OnePass(model, diffusion, x0, t_index, noise[j], category)
+            one = OnePass(model, diffusion, x0, t_index, noise[j], category, feature_grid=grid)
             if mode == "authors":  # the official code's feature branch: raw index as timestep
-                one.features = unet(one.x_t, one.t, return_features=True, **label)[1].float()
+                extra = {"feature_grid": grid} if grid else {}
+                one.features = unet(one.x_t, one.t, return_features=True, **extra, **label)[1].float()
             feature_error = one.feature_error(target)
-            out["kl"][start:start + b, j] = one.kl().mean(dim=1).cpu()
+            kl = one.kl()
+            if preset.kl_standardization == "authors":
+                kl = standardize_kl_authors(kl)
+            out["kl"][start:start + b, j] = kl.mean(dim=1).cpu()
             out["rgb"][start:start + b, j] = (one.pred_x0() - x0).abs().mean(dim=1).cpu()
             out["feature"][start:start + b, j] = F.interpolate(
                 feature_error, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu()

@@ -61,6 +61,7 @@ def build_feature_extractor(preset: Preset, device=None, pretrained: bool = True
         grid_size=preset.image_size // 4,
         input_size=preset.backbone_input_size,
         pretrained=pretrained,
+        imagenet_normalize=preset.backbone_normalization,
     )
     return extractor.to(pick_device(device))
 

@@ -118,6 +118,22 @@ def _read_pil(path: Path, what: str) -> Image.Image:
         raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from error
 
 
+MASK_RULES = ("any", "authors")
+
+
+def authors_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A ground-truth mask as the authors' code reads it: resized like their images (halved with a
+    box filter while at least twice the size, then bicubic; ``center_crop_arr`` in
+    ``guided_diffusion/image_datasets.py``), and only pixels equal to 255 kept (``(gt / 255).long()``
+    in ``scripts/image_anomaly.py``): edges and thin defects shrink or vanish. (H, W) float32 {0, 1}."""
+    height, width = size
+    picture = mask.convert("L")
+    while min(picture.size) >= 2 * min(height, width):
+        picture = picture.resize(tuple(x // 2 for x in picture.size), resample=Image.Resampling.BOX)
+    picture = picture.resize((width, height), resample=Image.Resampling.BICUBIC)
+    return (np.asarray(picture) == 255).astype(np.float32)
+
+
 def _image_array(image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
     """HxWx3 float32 in [0, 1], resized (bilinear, antialiased) to ``size`` = (height, width)."""
     target = None if size is None else (size[1], size[0])
@@ -155,6 +171,7 @@ class MVTecAD(Dataset):
         image_size: int | tuple[int, int] | None = 256,
         val_fraction: float = 0.1,
         seed: int = 0,
+        mask_rule: str = "any",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -166,6 +183,9 @@ class MVTecAD(Dataset):
         self.image_size = _normalise_size(image_size)
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
+        if mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
+        self.mask_rule = mask_rule
 
         if not self.root.is_dir():
             raise FileNotFoundError(_root_help(self.root))
@@ -256,6 +276,23 @@ class MVTecAD(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _mask(self, sample: Sample, picture: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """The sample's ground truth at ``size`` = (height, width), binarised by ``mask_rule``."""
+        mask_picture = _read_pil(sample.mask_path, "mask")
+        if mask_picture.size != picture.size:
+            raise ValueError(
+                f"mask {sample.mask_path} is {mask_picture.size[0]}x{mask_picture.size[1]} but image "
+                f"{sample.path} is {picture.size[0]}x{picture.size[1]} (width x height)"
+            )
+        if self.mask_rule == "authors":
+            return authors_mask(mask_picture, size)
+        values = np.asarray(mask_picture)
+        binary = (values != 0).any(axis=2) if values.ndim == 3 else values != 0
+        binary_image = Image.fromarray(binary.astype(np.uint8) * 255)
+        if binary_image.size != (size[1], size[0]):
+            binary_image = binary_image.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        return (np.asarray(binary_image) > 127).astype(np.float32)
+
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         picture = _read_pil(sample.path, "image")
@@ -264,18 +301,7 @@ class MVTecAD(Dataset):
         if sample.mask_path is None:
             mask = np.zeros((height, width), dtype=np.float32)
         else:
-            mask_picture = _read_pil(sample.mask_path, "mask")
-            if mask_picture.size != picture.size:
-                raise ValueError(
-                    f"mask {sample.mask_path} is {mask_picture.size[0]}x{mask_picture.size[1]} but image "
-                    f"{sample.path} is {picture.size[0]}x{picture.size[1]} (width x height)"
-                )
-            values = np.asarray(mask_picture)
-            binary = (values != 0).any(axis=2) if values.ndim == 3 else values != 0
-            binary_image = Image.fromarray(binary.astype(np.uint8) * 255)
-            if binary_image.size != (width, height):
-                binary_image = binary_image.resize((width, height), Image.Resampling.NEAREST)
-            mask = (np.asarray(binary_image) > 127).astype(np.float32)
+            mask = self._mask(sample, picture, (height, width))
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "mask": torch.from_numpy(mask[None]),

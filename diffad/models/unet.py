@@ -566,13 +566,16 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         y: torch.Tensor | None = None,
         return_features: bool = False,
+        feature_grid: int | None = None,
     ):
         """Run the UNet.
 
         x: (B, in_channels, H, W) with H, W divisible by 2**(len(channel_mult)-1);
         timesteps: (B,) or a scalar (broadcast); y: (B,) class indices iff num_classes is set.
         Returns the (B, out_channels, H, W) output, or ``(output, features)`` with
-        ``return_features=True``; features are (B, feature_channels, H/4, W/4).
+        ``return_features=True``; features are (B, feature_channels, H/4, W/4), or on a
+        ``feature_grid`` x ``feature_grid`` grid: the decoder's map is resized bilinearly before the
+        head, as the authors' code does at test time (``feat_shape``, 16 by default there).
         """
         timesteps = self._check_inputs(x, timesteps, y)
         if return_features and self.feature_block_index is None:
@@ -592,7 +595,9 @@ class UNetModel(nn.Module):
         for index, module in enumerate(self.output_blocks):
             h = module(torch.cat([h, skips.pop()], dim=1), emb)
             if return_features and index == self.feature_block_index:
-                features = self.feature_head(h)
+                tapped = h if feature_grid is None else F.interpolate(h, size=(feature_grid, feature_grid),
+                                                                      mode="bilinear", align_corners=False)
+                features = self.feature_head(tapped)
         output = self.out(h)
         if return_features:
             return output, features
