@@ -28,7 +28,7 @@ import torch
 
 from diffad.backbones import FeatureExtractor, available_offline, default_layers
 from diffad.baselines import PaDiM
-from diffad.evaluate import METRIC_LABELS, CategoryData, metric_row
+from diffad.evaluate import METRIC_LABELS, CategoryData, diffusion_rows, metric_row
 from diffad.presets import SCORING_FIELDS, Preset
 from diffad.tables import markdown_table
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, pick_device
@@ -262,8 +262,60 @@ def sweep_markdown(rows: list[dict], settings: tuple[str, ...], methods: tuple[s
                           [f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent ({scope})."])
 
 
+def authors_scoring_changes(preset: Preset) -> dict[str, dict]:
+    """The authors' scoring-time departures as field changes for ``preset``, one at a time and all together.
+
+    The 16x16 test grid is 1/16 of the image side at 256 px; at another size the same fraction.
+    Without a respaced scoring schedule the raw index is the mapped step, so ``timestep_mode``
+    changes nothing and is left out.
+    """
+    changes = {
+        "timestep_mode": {"timestep_mode": "authors"},
+        "test_feature_grid": {"test_feature_grid": max(1, preset.image_size // 16)},
+        "kl_standardization": {"kl_standardization": "authors", "normalization": "none"},
+        "mask_rule": {"mask_rule": "authors"},
+        "pro_implementation": {"pro_implementation": "authors"},
+    }
+    if not preset.timestep_respacing:
+        del changes["timestep_mode"]
+    changes["all together"] = {k: v for fields in changes.values() for k, v in fields.items()}
+    return changes
+
+
+def authors_difference_rows(model: TrainedModel, data_root, category: str, scored, methods=("ensemble", "kl", "feature")
+                            ) -> list[dict]:
+    """Metric rows of ``model`` with its preset as it is and with each of the authors' scoring changes.
+
+    ``scored(model, data) -> (raw_test, raw_val)`` scores (and may cache) a model's raw maps; masks
+    are reloaded where the mask rule changes. Each row carries ``difference`` ("none" for the preset).
+    """
+    rows = []
+    for label, fields in {"none": {}, **authors_scoring_changes(model.preset)}.items():
+        variant = rescored(model, **fields)
+        data = CategoryData.load(data_root, category, variant.preset)
+        raw_test, raw_val = scored(variant, data)
+        found, _, _ = diffusion_rows(data, raw_test, raw_val, variant.preset)
+        rows += [dict(row, difference=label) for row in found if row["method"] in methods]
+    return rows
+
+
+def authors_difference_table() -> str:
+    """The authors' departures from the paper, with where each is in their code, as markdown."""
+    from diffad.presets import AUTHORS_DIFFERENCES, RUNTIME_FIELDS
+
+    def kind(field: str) -> str:
+        return "scoring" if field in SCORING_FIELDS else "device" if field in RUNTIME_FIELDS else "training"
+
+    body = [[f"`{f}`", kind(f), paper, code, where] for f, paper, code, where in AUTHORS_DIFFERENCES]
+    return markdown_table(["field", "changes", "paper (preset `paper`)", "authors' code (preset `authors`)",
+                           "where in VandyLu/anomaly_diff"], body)
+
+
 __all__ = [
     "BACKBONE_PATTERNS",
+    "authors_difference_rows",
+    "authors_difference_table",
+    "authors_scoring_changes",
     "UNIFIED_TRAINING",
     "average_change",
     "backbone_ablation",

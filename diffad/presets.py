@@ -263,6 +263,25 @@ AUTHORS = PAPER.replace(
     # mvtec_tools/mvtec_evaluate.py pro(): roc_curve thresholds thinned to about 1000, flat step to 0.3
     pro_implementation="authors",
 )
+# Each difference: field, what the paper's text (our ``paper`` preset) does, what the code does, where.
+AUTHORS_DIFFERENCES = (
+    ("grad_clip", "clip the gradient norm at 1", "no clipping", "guided_diffusion/fp16_util.py:183 optimize() (no clip_grad_norm)"),
+    ("precision", "bf16 from compute capability 8.0, else fp16", "fp16 with loss scaling", "train.sh --use_fp16 True"),
+    ("backbone_normalization", "ImageNet-normalised backbone input", "the [-1, 1] image as it is",
+     "guided_diffusion/image_datasets.py:219 arr / 127.5 - 1"),
+    ("timestep_mode", "feature branch at the mapped timestep", "feature branch told the raw respaced index",
+     "guided_diffusion/gaussian_diffusion.py:1048 model(x_t, t_batch)"),
+    ("test_feature_grid", "features scored on the head's 64x64 grid", "decoder features and targets shrunk to 16x16",
+     "guided_diffusion/script_util.py:64 feat_shape=16; unet.py:708; gaussian_diffusion.py:1025"),
+    ("kl_standardization", "KL averaged over RGB, then z-scored per image",
+     "KL z-scored over the whole 3xHxW map, then averaged; maps never renormalised",
+     "guided_diffusion/gaussian_diffusion.py:1060 vb = (vb - vb.mean())/vb.std()"),
+    ("mask_rule", "any nonzero mask pixel is defect", "only pixels equal to 255 after resizing",
+     "scripts/image_anomaly.py:146 (gt/255).long()"),
+    ("pro_implementation", "exact PRO (every score a threshold)", "about 1000 roc_curve thresholds, flat step to 0.3",
+     "mvtec_tools/mvtec_evaluate.py:53-154 pro(), thinning at :69"),
+)
+
 # Not (yet) fields, so not in AUTHORS: every training image (no validation split: our image scores and
 # "validation" normalisation need one); the EMA without warm-up; PIL box-halving + bicubic image
 # resizing; lukemelas EfficientNet-b4 with static same-padding for 380 px (timm's b4 pads dynamically).

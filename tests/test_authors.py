@@ -103,3 +103,17 @@ def test_scoring_with_the_authors_fields(tiny_model, tiny_builtin):
             score_raw(tiny_model, images)
         finally:
             tiny_model.preset = original
+
+
+def test_scoring_changes_scale_the_grid_and_skip_what_cannot_differ():
+    from diffad.ablations import authors_difference_table, authors_scoring_changes
+    from diffad.presets import AUTHORS_DIFFERENCES
+
+    paper, cpu = authors_scoring_changes(get_preset("paper")), authors_scoring_changes(get_preset("cpu"))
+    assert paper["test_feature_grid"] == {"test_feature_grid": 16} and "timestep_mode" in paper
+    assert cpu["test_feature_grid"] == {"test_feature_grid": 4} and "timestep_mode" not in cpu  # no respacing
+    assert cpu["all together"]["kl_standardization"] == "authors" and cpu["all together"]["normalization"] == "none"
+    authors = get_preset("authors")
+    table = authors_difference_table()
+    for field, *_ in AUTHORS_DIFFERENCES:  # every listed difference is a real field the preset sets
+        assert f"`{field}`" in table and getattr(authors, field) != getattr(get_preset("paper"), field)
