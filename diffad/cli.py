@@ -7,6 +7,11 @@
     python -m diffad reproduce --data-root data/builtin --preset cpu --out runs/cpu
 
 Every preset field can be overridden with ``--set name=value`` (e.g. ``--set train_steps=100``).
+
+Several GPUs: ``torchrun --standalone --nproc_per_node 8 -m diffad train ...`` trains one model
+with DistributedDataParallel (the preset's batch split over the GPUs);
+``torchrun --standalone --nproc_per_node 8 -m diffad reproduce ...`` spreads the categories
+over the GPUs, one model per category, and rank 0 writes the table.
 """
 
 from __future__ import annotations
@@ -60,18 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a GPU with this memory")
     p.add_argument("--compute-capability", type=str, default=None, metavar="X.Y", help="e.g. 7.5 for a T4")
     p.add_argument("--categories", type=int, default=1, help="classes of a unified model (1: one category)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="also estimate the whole table's training time on N GPUs (reproduce under torchrun)")
+    p.add_argument("--table-categories", type=int, default=None, metavar="C",
+                   help="categories of the table, one model each (default: MVTec-AD's 15; "
+                        "a unified model of --categories > 1 is one model for all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("train", help="train (or resume) a model")
+    p = sub.add_parser("train", help="train (or resume) a model; under torchrun, one model over all processes")
     common(p, needs_category=True)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                   help="stop after this many steps in this call (the checkpoint resumes it)")
 
     p = sub.add_parser("evaluate", help="evaluate a trained model on a category's test split")
     common(p, needs_category=True)
     p.add_argument("--model", required=True, type=Path, help="the --out folder of `diffad train`")
     p.add_argument("--no-baselines", action="store_true")
 
-    p = sub.add_parser("reproduce", help="train and evaluate every category, write results.csv and tables")
+    p = sub.add_parser("reproduce", help="train and evaluate every category, write results.csv and tables; "
+                                          "under torchrun, the categories spread over the processes")
     common(p)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--category", action="append", default=None, help="only these categories")
@@ -88,14 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         print(make_builtin_dataset(args.root, seed=args.seed, image_size=args.image_size))
         return 0
     overrides = parse_overrides(args.set)
+    from diffad import distributed
+
     try:
         if args.command == "plan":
             return _plan(args, overrides)
         if args.command == "train":
             from diffad.train import fit
 
-            model = fit(args.data_root, args.category, args.out, args.preset, device=args.device, **overrides)
-            print(f"trained {model.categories}: {len(model.history)} steps, model in {args.out}")
+            model = fit(args.data_root, args.category, args.out, args.preset, device=args.device,
+                        stop_after=args.stop_after, **overrides)
+            if distributed.is_main():
+                done = "" if (args.out / "model.pt").is_file() else " (stopped early; run again to resume)"
+                print(f"trained {model.categories}: {len(model.history)} steps, model in {args.out}{done}")
         elif args.command == "evaluate":
             from diffad.evaluate import evaluate_category, write_results_csv
             from diffad.train import MODEL_NAME, TrainedModel
@@ -114,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
             reproduce(args.data_root, args.out, args.preset, categories=args.category,
                       baselines=not args.no_baselines, figures=not args.no_figures, device=args.device, **overrides)
-            print((args.out / "table1.md").read_text())
-            print(f"results in {args.out / 'results.csv'}")
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        print(f"diffad {args.command}: error: {exc}", file=sys.stderr)
+            if distributed.is_main():
+                print((args.out / "table1.md").read_text())
+                print(f"results in {args.out / 'results.csv'}")
+    except (FileNotFoundError, ValueError, OSError, distributed.PeerLost) as exc:
+        where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.launched() else ""
+        print(f"diffad {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -136,7 +156,7 @@ def _plan(args, overrides: dict) -> int:
             raise ValueError(f"--compute-capability takes X.Y, e.g. 7.5; got {args.compute_capability!r}") from None
     preset = get_preset(args.preset, **overrides)
     plan = plan_training(preset, memory_gib=args.gpu_memory, compute_capability=capability,
-                         num_classes=args.categories)
+                         num_classes=args.categories, gpus=args.gpus, table_categories=args.table_categories)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1, default=str))
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffad import distributed
 from diffad.data import MVTecAD, is_builtin, list_categories
 from diffad.metrics import image_auroc, pixel_auroc, pro, pro_authors
 from diffad.presets import Preset, get_preset
@@ -277,6 +279,12 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     and only the baselines it lacks are run (:func:`complete_baselines`).
     Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc), ``<out>/table1.md``,
     ``<out>/<category>/maps.npz`` (per-image maps of every method) and ``<out>/<category>/overlays.png``.
+
+    Under torchrun with N processes the categories spread over them: rank r trains and scores
+    categories r, r + N, ... on its own device (``cuda:LOCAL_RANK``), one model each, no DDP.
+    When every rank is done, rank 0 reads every category's ``metrics.json`` and writes the
+    tables, so ``out_dir`` must be one folder all ranks see (on several nodes, a shared file
+    system). Rank 0 returns every row; the others their own categories' rows.
     """
     preset = get_preset(preset, **overrides)
     data_root, out_dir = Path(data_root), Path(out_dir)
@@ -285,43 +293,69 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     missing = [c for c in categories if c not in present]
     if missing:
         raise ValueError(f"categories {missing} not found under {data_root}; present: {present}")
-    device = pick_device(device)
-    all_rows = []
-    for category in tqdm(categories, desc="categories", disable=not progress):
-        folder = out_dir / category
-        done = folder / "metrics.json"
-        if done.is_file():
-            recorded = json.loads(done.read_text())
-            if baselines:
-                recorded = complete_baselines(folder, category, recorded, data_root, preset, device)
-            all_rows += recorded
-            continue
-        if model_loader is not None:
-            model = model_loader(category)
-        else:
-            model = fit(data_root, category, folder / "model", preset, device=device, progress=progress)
-        result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
-                                   device=device, progress=progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(folder / "maps.npz", **{k: v.numpy().astype(np.float32) for k, v in result.maps.items()},
-                            labels=result.extra["data"].test_labels.numpy(),
-                            masks=result.extra["data"].test_masks.numpy().astype(np.uint8))
-        if figures:
-            from diffad.viz import overlay_figure
-
-            fig = overlay_figure(result.extra["data"], result.maps, n=4)
-            fig.savefig(folder / "overlays.png", dpi=100, bbox_inches="tight")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.rows, indent=1))
-        tmp.replace(done)
-        all_rows += result.rows
+    spread = distributed.launched()
+    group = distributed.process_group(device, backend="gloo") if spread else nullcontext(pick_device(device))
+    with group as device:  # gloo: the ranks only meet once, at the end
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = categories[rank::world] if spread else categories
+        shown = progress and rank == 0
+        all_rows = []
+        desc = f"categories of rank 0 (of {world})" if spread else "categories"
+        for category in tqdm(mine, desc=desc, disable=not shown):
+            all_rows += _reproduce_category(data_root, out_dir, category, preset, baselines, figures, device, shown,
+                                            model_loader)
+            if progress and rank != 0:
+                print(f"[rank {rank}] {category} done", flush=True)
+        if spread:
+            distributed.wait_for_all("the other ranks to finish their categories")
+            if rank != 0:
+                return all_rows
+            all_rows = []
+            for category in categories:
+                done = out_dir / category / "metrics.json"
+                if not done.is_file():
+                    raise FileNotFoundError(
+                        f"rank 0 finds no {done}, which another rank should have written: the --out folder "
+                        f"must be one folder that every rank sees (on several nodes, a shared file system)")
+                all_rows += json.loads(done.read_text())
     write_results_csv(all_rows, out_dir / "results.csv")
     mvtec = not any(is_builtin(data_root, c) for c in categories)
     (out_dir / "table1.md").write_text(table1_markdown(all_rows, mvtec=mvtec))
     return all_rows
+
+
+def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: Preset, baselines: bool,
+                        figures: bool, device, progress: bool, model_loader) -> list[dict]:
+    """One category of :func:`reproduce`: its recorded rows, or train, evaluate and record it."""
+    folder = out_dir / category
+    done = folder / "metrics.json"
+    if done.is_file():
+        recorded = json.loads(done.read_text())
+        if baselines:
+            recorded = complete_baselines(folder, category, recorded, data_root, preset, device)
+        return recorded
+    if model_loader is not None:
+        model = model_loader(category)
+    else:
+        model = fit(data_root, category, folder / "model", preset, device=device, progress=progress, ddp=False)
+    result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
+                               device=device, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "maps.npz", **{k: v.numpy().astype(np.float32) for k, v in result.maps.items()},
+                        labels=result.extra["data"].test_labels.numpy(),
+                        masks=result.extra["data"].test_masks.numpy().astype(np.uint8))
+    if figures:
+        from diffad.viz import overlay_figure
+
+        fig = overlay_figure(result.extra["data"], result.maps, n=4)
+        fig.savefig(folder / "overlays.png", dpi=100, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.rows, indent=1))
+    tmp.replace(done)
+    return result.rows
 
 
 def select_timesteps(raw: RawMaps, timesteps: tuple[int, ...]) -> RawMaps:

@@ -10,12 +10,17 @@ are what scoring uses), gradient clipping, bf16 autocast and channels-last on CU
 Checkpoints hold model, EMA, optimizer, step and every random state, and are written
 atomically (a temporary file, then a rename): a run interrupted and resumed ends with the same
 weights as one that was not.
+
+Under ``torchrun --nproc_per_node N`` one model trains with DistributedDataParallel: every rank
+draws the preset's whole batch from the same seeded stream and trains on its N-th of it, so N
+processes compute what one does, up to the order of floating-point sums (see :func:`fit`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from diffad import distributed
 from diffad.backbones import FeatureExtractor
 from diffad.checks import check_images
 from diffad.data import MVTecAD, to_diffusion_range
@@ -179,7 +185,7 @@ def standardize(features: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]
     return (features - mean) / std
 
 
-def _rng_states(generator: torch.Generator) -> dict:
+def _rng_states(generator: torch.Generator, device: torch.device | None = None) -> dict:
     states = {
         "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
@@ -187,17 +193,33 @@ def _rng_states(generator: torch.Generator) -> dict:
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        if distributed.launched():  # one process per GPU: its own stream, no context made on the others
+            if device is not None and device.type == "cuda":
+                states["cuda_device"] = torch.cuda.get_rng_state(device)
+        else:
+            states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def _set_rng_states(generator: torch.Generator, states: dict) -> None:
+def _set_rng_states(generator: torch.Generator, states: dict, device: torch.device | None = None) -> None:
     generator.set_state(states["generator"])
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if distributed.launched():
+        if device is not None and device.type == "cuda":
+            saved = states.get("cuda") or []
+            state = states.get("cuda_device")
+            if state is None and saved:
+                state = saved[min(device.index or 0, len(saved) - 1)]
+            if state is not None:
+                torch.cuda.set_rng_state(state, device)
+    elif states.get("cuda"):
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])  # a machine with fewer GPUs
+    elif states.get("cuda_device") is not None:
+        torch.cuda.set_rng_state(states["cuda_device"])
 
 
 @torch.no_grad()
@@ -294,6 +316,8 @@ def draw_batch(generator: torch.Generator, n_images: int, batch_size: int, max_t
 ASSUMED_UTILISATION = 0.35
 # Left free on a GPU for the CUDA context, cuDNN workspaces and the allocator's fragmentation.
 GPU_RESERVE_BYTES = GIB
+# The categories of MVTec-AD: the models of the paper's Table 1, one per category.
+TABLE_CATEGORIES = 15
 
 
 @dataclass(frozen=True)
@@ -308,6 +332,9 @@ class TrainingPlan:
     ema_device: str  # "device" or "cpu"
     peak_bytes: int | None = None  # estimated peak of one training step (None: not estimated)
     flops_per_step: int | None = None
+    num_classes: int = 1  # classes of the model: more than 1, a unified model of that many categories
+    gpus: int | None = None  # GPUs the whole table is planned on (None: not asked)
+    table_categories: int = TABLE_CATEGORIES  # categories of the table, one model each unless unified
 
     @property
     def channels_last(self) -> bool:
@@ -350,7 +377,45 @@ class TrainingPlan:
         if self.seconds_per_step is not None:
             hours = self.seconds_per_step * self.preset.train_steps / 3600
             line += f"; est. {self.seconds_per_step:.2f} s/step, {hours:.1f} h for {self.preset.train_steps} steps"
+        if self.gpus is not None and self.hours_for_table is not None:
+            gpus = f"{self.gpus} GPU" + ("s" if self.gpus > 1 else "")
+            if self.unified:
+                line += (f"; the unified model of {self.num_classes} categories on {gpus}: DDP over "
+                         f"{self.table_ranks} (batch {self.preset.batch_size} split), "
+                         f"est. {self.hours_for_table:.1f} h")
+            else:
+                line += (f"; the table ({self.table_categories} categories, one model each) on {gpus}: "
+                         f"{self.table_rounds} round{'s' if self.table_rounds > 1 else ''}, "
+                         f"est. {self.hours_for_table:.1f} h")
         return line
+
+    @property
+    def unified(self) -> bool:
+        return self.num_classes > 1
+
+    @property
+    def hours_per_model(self) -> float | None:
+        return None if self.seconds_per_step is None else self.seconds_per_step * self.preset.train_steps / 3600
+
+    @property
+    def table_ranks(self) -> int:
+        """GPUs a unified model trains on: the most, up to ``gpus``, that split its batch evenly."""
+        gpus = self.gpus or 1
+        return max(n for n in range(1, gpus + 1) if self.preset.batch_size % n == 0)
+
+    @property
+    def table_rounds(self) -> int:
+        """How many models one GPU trains in turn when the table's models spread over ``gpus`` (reproduce)."""
+        return 1 if self.unified else math.ceil(self.table_categories / (self.gpus or 1))
+
+    @property
+    def hours_for_table(self) -> float | None:
+        """Training time of the whole table: ``table_rounds`` models in turn on the busiest GPU; a unified
+        model's steps split over ``table_ranks`` GPUs (ideal scaling: communication left out)."""
+        hours = self.hours_per_model
+        if hours is None:
+            return None
+        return hours / self.table_ranks if self.unified else hours * self.table_rounds
 
     def to_json(self) -> dict:
         acc = self.accelerator
@@ -367,13 +432,18 @@ class TrainingPlan:
             "assumed_utilisation": ASSUMED_UTILISATION,
             "hours_per_category": None if self.seconds_per_step is None
             else self.seconds_per_step * self.preset.train_steps / 3600,
+            "num_classes": self.num_classes, "gpus": self.gpus, "table_categories": self.table_categories,
+            "table_models": 1 if self.unified else self.table_categories,
+            "table_rounds": self.table_rounds, "table_ranks": self.table_ranks if self.unified else 1,
+            "hours_for_table": self.hours_for_table,
             "summary": self.describe(),
         }
 
 
 def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: float | None = None,
                   compute_capability: tuple[int, int] | None = None, num_classes: int = 1,
-                  feature_channels: int | None = None, estimate: bool = True) -> TrainingPlan:
+                  feature_channels: int | None = None, estimate: bool = True, gpus: int | None = None,
+                  table_categories: int | None = None) -> TrainingPlan:
     """The device plan of a training run: precision, gradient checkpointing, where the EMA lives.
 
     Each choice the preset leaves open ("auto", None) is made here; the rest are kept as forced.
@@ -382,7 +452,18 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
     EMA on the device, then checkpointing, then the EMA on the host) and the first whose
     estimated peak fits the memory less 1 GiB is taken. The estimate runs one real
     :func:`training_step` on fake tensors (:func:`estimate_training_step`): no GPU, no weights.
+
+    ``gpus`` adds the whole table's training time on that many such GPUs (``reproduce`` under
+    torchrun): ``table_categories`` (MVTec-AD's 15 by default) models, one per category, spread
+    over the GPUs, so ceil(categories / gpus) of them in turn; for a unified model
+    (``num_classes`` > 1), one model whose batch DDP splits over the GPUs.
     """
+    if gpus is not None and gpus < 1:
+        raise ValueError(f"gpus must be 1 or more, got {gpus}")
+    if table_categories is not None and table_categories < 1:
+        raise ValueError(f"table_categories must be 1 or more, got {table_categories}")
+    table = dict(num_classes=num_classes, gpus=gpus,
+                 table_categories=num_classes if num_classes > 1 else (table_categories or TABLE_CATEGORIES))
     preset = get_preset(preset)
     accelerator = accelerator_of(device, memory_gib, compute_capability)
     device_type = "cpu" if accelerator is None else "cuda"
@@ -399,7 +480,7 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
         feature_channels = FeatureExtractor(preset.backbone, layers=preset.backbone_layers, pretrained=False).out_channels
     plan = None
     for gradient_checkpointing, ema_device in candidates:
-        plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device)
+        plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device, **table)
         if not estimate:
             return plan
         peak, _ = estimate_training_step(plan, feature_channels, num_classes)
@@ -468,6 +549,7 @@ def fit(
     device=None,
     progress: bool = True,
     stop_after: int | None = None,
+    ddp: bool | None = None,
     **overrides,
 ) -> TrainedModel:
     """Train (or resume, or load) a denoiser on the normal images of one or more categories.
@@ -478,7 +560,33 @@ def fit(
     ends the run early after that many steps in this call (for demonstrations and tests of resume).
     Before training, the device plan (precision, gradient checkpointing, where the EMA lives,
     estimated peak memory on a GPU) is printed.
+
+    Several processes (``ddp``; None: whenever torchrun started this one among several) train
+    one model with DistributedDataParallel, each on ``cuda:LOCAL_RANK`` (NCCL) or the CPU
+    (gloo). The global batch stays the preset's ``batch_size``, which must divide by the number
+    of processes: every rank draws the whole batch from the same seeded generator (so the stream
+    stays the same on all of them) and trains on its share, rank r on the r-th. DDP averages the
+    gradients, which gives the single-process gradient; the recorded losses are the global means.
+    Rank 0 alone prints and writes checkpoints and ``model.pt`` while the others wait. A checkpoint
+    holds the unwrapped model and the shared generator's state, so a run resumes with any number
+    of processes. A rank that dies or hangs stops the others with
+    :class:`diffad.distributed.PeerLost` (see ``DIFFAD_DDP_TIMEOUT``) rather than a hang.
     """
+    if ddp is None:
+        ddp = distributed.launched()
+    if not ddp:
+        return _fit(data_root, categories, out_dir, preset, device, progress, stop_after, False, overrides)
+    batch_size = get_preset(preset, **overrides).for_categories(categories).batch_size
+    if batch_size % distributed.world_size():  # before the group: every rank says so and stops
+        raise ValueError(
+            f"batch_size {batch_size} does not split over {distributed.world_size()} processes: start torchrun "
+            f"with a --nproc_per_node that divides it, or --set batch_size= a multiple of it")
+    with distributed.process_group(device) as device, distributed.peer_errors("training"):
+        return _fit(data_root, categories, out_dir, preset, device, progress, stop_after,
+                    distributed.is_distributed(), overrides)
+
+
+def _fit(data_root, categories, out_dir, preset, device, progress, stop_after, ddp: bool, overrides) -> TrainedModel:
     categories = [categories] if isinstance(categories, str) else list(categories)
     if not categories:
         raise ValueError("no category to train on")
@@ -496,15 +604,20 @@ def fit(
     if ckpt_path.is_file():
         state = load_torch_file(ckpt_path)
         _check_same_run(Preset.from_dict(state["preset"]), state["categories"], preset, categories, ckpt_path)
-    init = resolve_init_checkpoint(preset.init_checkpoint) if state is None else None  # fails fast offline
-    run = _TrainingRun.start(data_root, categories, preset, device, init, progress)
+    if ddp:  # one download per cache: rank 0 first, the others then find the file
+        init = distributed.in_turn(lambda: resolve_init_checkpoint(preset.init_checkpoint)) if state is None else None
+    else:
+        init = resolve_init_checkpoint(preset.init_checkpoint) if state is None else None  # fails fast offline
+    run = _TrainingRun.start(data_root, categories, preset, device, init, progress, ddp)
     if state is not None:
         run.restore(state)
     run.train(preset.train_steps if stop_after is None else min(preset.train_steps, run.step + stop_after),
               ckpt_path, progress)
     trained = TrainedModel(preset, categories, run.ema, run.extractor.out_channels, run.history, run.stats)
-    if run.step >= preset.train_steps:
+    if run.step >= preset.train_steps and run.rank == 0:
         trained.save(model_path)
+    if ddp:
+        distributed.wait_for_all("rank 0 writing model.pt")
     return trained
 
 
@@ -512,18 +625,28 @@ class _TrainingRun:
     """The state of one training run (models, optimizer, data, random streams) and its loop."""
 
     @classmethod
-    def start(cls, data_root, categories, preset: Preset, device: torch.device, init, progress: bool):
+    def start(cls, data_root, categories, preset: Preset, device: torch.device, init, progress: bool,
+              ddp: bool = False):
         self = cls()
         self.preset, self.categories, self.device = preset, categories, device
+        self.ddp = ddp
+        self.rank, self.world = (distributed.rank(), distributed.world_size()) if ddp else (0, 1)
+        self.share = preset.batch_size // self.world  # images of each rank's part of the batch
         torch.manual_seed(preset.seed)
         self.generator = torch.Generator().manual_seed(preset.seed)
         self.images, self.labels = load_training_images(data_root, categories, preset)
         self.extractor = build_feature_extractor(preset, device)
         self.num_classes = len(categories) if preset.class_cond else None
-        self.plan = plan_training(preset, device, num_classes=self.num_classes or 1,
+        # Each GPU holds its share of the batch: the memory estimate is made for that.
+        plan_preset = preset if self.world == 1 else preset.replace(batch_size=self.share)
+        self.plan = plan_training(plan_preset, device, num_classes=self.num_classes or 1,
                                   feature_channels=self.extractor.out_channels, estimate=device.type == "cuda")
-        if progress:
-            print(f"train {'+'.join(categories)}: {self.plan.describe()}")
+        if progress and self.rank == 0:
+            line = f"train {'+'.join(categories)}: {self.plan.describe()}"
+            if ddp:
+                line += (f"; DDP over {self.world} processes, batch {preset.batch_size} = "
+                         f"{self.world} x {self.share}")
+            print(line)
         self.unet = build_unet(preset, self.extractor.out_channels, self.num_classes, self.plan.gradient_checkpointing)
         if init is not None:
             load_guided_diffusion_checkpoint(self.unet, init)
@@ -552,21 +675,27 @@ class _TrainingRun:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
-        _set_rng_states(self.generator, state["rng"])
+        _set_rng_states(self.generator, state["rng"], self.device)
 
     def save(self, path: Path) -> None:
         atomic_save({
             "preset": self.preset.to_dict(), "categories": self.categories, "step": self.step,
             "history": self.history, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": _rng_states(self.generator),
+            "optimizer": self.optimizer.state_dict(), "rng": _rng_states(self.generator, self.device),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }, path)
 
     def next_batch(self) -> Batch:
-        """The next batch from the run's random stream, moved to the device."""
+        """The next batch from the run's random stream, moved to the device: under DDP, this rank's share.
+
+        Every rank draws the whole batch, so the generator advances alike on all of them.
+        """
         max_t = min(self.preset.max_train_timestep or self.diffusion.num_timesteps, self.diffusion.num_timesteps)
         idx, t, noise = draw_batch(self.generator, len(self.images), self.preset.batch_size, max_t,
                                    self.images.shape[1:])
+        if self.world > 1:
+            part = slice(self.rank * self.share, (self.rank + 1) * self.share)
+            idx, t, noise = idx[part], t[part], noise[part]
         x0 = self.images[idx].to(self.device)
         with torch.no_grad():
             target = (self.targets[idx].to(self.device) if self.targets is not None
@@ -577,23 +706,46 @@ class _TrainingRun:
     def train(self, end: int, ckpt_path: Path, progress: bool) -> None:
         preset = self.preset
         bar = tqdm(total=preset.train_steps, initial=self.step, desc=f"train {'+'.join(self.categories)}",
-                   disable=not progress, leave=False)
+                   disable=not progress or self.rank != 0, leave=False)
         self.unet.train()
-        while self.step < end:
-            losses = training_step(
-                self.unet, self.optimizer, self.diffusion, self.next_batch(), lr=lr_at(self.step, preset),
-                feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
-                precision=self.plan.precision, scaler=self.scaler, ema=self.ema,
-                ema_rate=ema_rate_at(self.step, preset.ema_rate), channels_last=self.plan.channels_last)
-            self.step += 1
-            record = {"step": self.step, **{k: v.item() for k, v in losses.items()}}
-            self.history.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", feat=f"{record['feature']:.4f}")
-            if self.step % preset.checkpoint_every == 0 or self.step == end:
-                self.save(ckpt_path)
-        bar.close()
+        model = self.unet
+        if self.ddp:
+            distributed.wait_for_all("the ranks to load the data and build the model")
+            model = torch.nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+        try:
+            while self.step < end:
+                losses = training_step(
+                    model, self.optimizer, self.diffusion, self.next_batch(), lr=lr_at(self.step, preset),
+                    feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
+                    precision=self.plan.precision, scaler=self.scaler, ema=self.ema,
+                    ema_rate=ema_rate_at(self.step, preset.ema_rate), channels_last=self.plan.channels_last,
+                    check_finite=not self.ddp)
+                self.step += 1
+                values = self.global_means(losses) if self.ddp else {k: v.item() for k, v in losses.items()}
+                if self.ddp and not math.isfinite(values["loss"]):  # on every rank alike
+                    lr = lr_at(self.step - 1, preset)
+                    raise FloatingPointError(f"training loss became {values['loss']}; lower lr (now {lr:g})")
+                record = {"step": self.step, **values}
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", feat=f"{record['feature']:.4f}")
+                if self.step % preset.checkpoint_every == 0 or self.step == end:
+                    if self.rank == 0:
+                        self.save(ckpt_path)
+                    if self.ddp:  # the others wait here, not in the next step's all-reduce (a shorter timeout)
+                        distributed.wait_for_all("rank 0 writing the checkpoint")
+        finally:
+            bar.close()
+        del model
         self.ema.to(self.device).eval()
+
+    def global_means(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's losses over the whole batch: each rank's means weighted by its share, summed over ranks."""
+        names = list(losses)
+        values = torch.stack([losses[k].float() for k in names]) * (self.share / self.preset.batch_size)
+        return dict(zip(names, distributed.all_sum(values).tolist()))
 
 
 def _check_same_run(saved: Preset, saved_categories, preset: Preset, categories, path: Path) -> None:
