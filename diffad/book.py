@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 from diffad.data import download_mvtec, list_categories, make_builtin_dataset
 from diffad.evaluate import CategoryData, score_category
 from diffad.io import cache_dir
-from diffad.presets import Preset, get_preset, training_differences, training_fingerprint
+from diffad.presets import Preset, fingerprint, get_preset, training_differences, training_fingerprint
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
 from diffad.io import atomic_save
@@ -156,7 +157,7 @@ def category_data(ctx: Context, category: str) -> CategoryData:
 
 def settings_hash(preset: Preset) -> str:
     """A short fingerprint of every preset field, to key cached results."""
-    return hashlib.sha1(repr(sorted(preset.to_dict().items())).encode()).hexdigest()[:10]
+    return fingerprint(preset.to_dict(), 10)
 
 
 def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:
@@ -182,3 +183,79 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(result, path)
     return result
+
+
+# ---------------------------------------------------------------- the repository's one URL
+
+# The GitHub repository of the book: _config.yml's `repository.url` (Jupyter Book derives the
+# Colab, Binder and repository buttons from it), copied here for an installed diffad without the
+# repository around it, and literally into every chapter's Colab install cell, which runs before
+# diffad is installed. `python -m diffad.book set-repository-url URL` changes all of them.
+REPOSITORY_URL = "https://github.com/diffad/diffad"
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+_CONFIG_URL = re.compile(r"^(repository:[ \t]*\n(?:[ \t]+.*\n|[ \t]*\n)*?[ \t]+url:[ \t]*)(\S+)", re.M)
+_GITHUB_REPOSITORY = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+")
+_INSTALL_URL = re.compile(r"(git\+)(https://github\.com/[\w.-]+/[\w.-]+)")
+_CONSTANT = re.compile(r'^(REPOSITORY_URL = ")([^"]*)(")', re.M)
+
+
+def is_install_cell(cell: dict) -> bool:
+    """A chapter's Colab install cell: the code cell that pip-installs diffad on Colab."""
+    source = "".join(cell.get("source", ""))
+    return cell.get("cell_type") == "code" and "google.colab" in source and "%pip install" in source
+
+
+def repository_url(root: str | Path | None = None) -> str:
+    """The book's GitHub repository: `repository.url` of _config.yml where the repository is around
+    (``root``, default the folder above this package), otherwise :data:`REPOSITORY_URL`."""
+    config = Path(root or REPOSITORY_ROOT) / "_config.yml"
+    match = _CONFIG_URL.search(config.read_text()) if config.is_file() else None
+    return match.group(2).strip("\"'") if match else REPOSITORY_URL
+
+
+def set_repository_url(url: str, root: str | Path | None = None) -> list[Path]:
+    """Make ``url`` the book's repository: in _config.yml, :data:`REPOSITORY_URL` in this file and
+    the install cell of every book/*.ipynb (outputs and other cells untouched). Returns the files
+    changed."""
+    import json
+
+    url = url.rstrip("/").removesuffix(".git")
+    if _GITHUB_REPOSITORY.fullmatch(url) is None:
+        raise ValueError(f"not a GitHub repository URL: {url!r} (https://github.com/<owner>/<name>; Colab "
+                         "opens notebooks from GitHub)")
+    root = Path(root or REPOSITORY_ROOT)
+    config = root / "_config.yml"
+    if not config.is_file() or not _CONFIG_URL.search(config.read_text()):
+        raise FileNotFoundError(f"no _config.yml with a repository url in {root}")
+    changed = []
+
+    def rewrite(path: Path, text: str) -> None:
+        if text != path.read_text():
+            path.write_text(text)
+            changed.append(path)
+
+    rewrite(config, _CONFIG_URL.sub(lambda m: m.group(1) + url, config.read_text(), count=1))
+    module = root / "diffad" / "book.py"
+    if module.is_file():
+        rewrite(module, _CONSTANT.sub(lambda m: m.group(1) + url + m.group(3), module.read_text(), count=1))
+    for path in sorted((root / "book").glob("*.ipynb")):
+        notebook = json.loads(path.read_text())
+        for cell in filter(is_install_cell, notebook["cells"]):
+            source = _INSTALL_URL.sub(lambda m: m.group(1) + url, "".join(cell["source"]))
+            cell["source"] = source.splitlines(keepends=True)
+        rewrite(path, json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    return changed
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m diffad.book")
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("set-repository-url", help="make URL the book's GitHub repository "
+                                  "(_config.yml, diffad.book, every chapter's Colab install cell)")
+    command.add_argument("url")
+    command.add_argument("--root", default=None, help="the repository (default: the one around diffad)")
+    arguments = parser.parse_args()
+    for changed_path in set_repository_url(arguments.url, arguments.root):
+        print(f"updated {changed_path}")

@@ -12,6 +12,7 @@ import io
 
 from diffad.evaluate import diffusion_rows
 from diffad.scoring import NORMALIZATIONS, RawMaps
+from diffad.tables import html_table
 
 EXPLORER_METHODS = ("ensemble", "kl", "feature")
 MAP_NORMALIZATIONS = tuple(n for n in NORMALIZATIONS if n != "none")
@@ -39,13 +40,9 @@ def explorer_metrics(data, raw_test: RawMaps, raw_val: RawMaps, preset, alpha: f
 
 def metrics_html(rows: list[dict], alpha: float, normalization: str, image_normalization: str | None = None) -> str:
     """An HTML table of metric rows (the widget's label)."""
-    head = "<tr><th>map</th><th>pixel AUROC</th><th>PRO</th><th>image AUROC</th></tr>"
-    body = "".join(
-        f"<tr><td>{html.escape(r['method'])}</td><td>{r['pixel_auroc']:.3f}</td><td>{r['pro']:.3f}</td>"
-        f"<td>{r['image_auroc']:.3f}</td></tr>" for r in rows)
-    image = html.escape(image_normalization or normalization)
-    caption = f"alpha = {alpha:.2f}, maps: {html.escape(normalization)}, image score: {image}"
-    return f"<table><caption>{caption}</caption>{head}{body}</table>"
+    body = [[r["method"], f"{r['pixel_auroc']:.3f}", f"{r['pro']:.3f}", f"{r['image_auroc']:.3f}"] for r in rows]
+    caption = f"alpha = {alpha:.2f}, maps: {normalization}, image score: {image_normalization or normalization}"
+    return html_table(["map", "pixel AUROC", "PRO", "image AUROC"], body, caption)
 
 
 def _figure_png(data, maps: dict, indices) -> bytes:
@@ -113,3 +110,92 @@ def alpha_explorer(data, raw_test: RawMaps, raw_val: RawMaps, preset, indices=No
     box.slider, box.dropdown, box.image_dropdown = slider, dropdown, image_dropdown
     box.metrics, box.image, box.update = metrics, image, update
     return box
+
+
+# ------------------------------------------------- what the widgets show, for the static page
+# A widget needs a running kernel; the published book shows its first state at best. These draw
+# what moving it shows, with the same library calls, as a figure or a table under the widget.
+
+PAPER_ALPHA = 0.5
+PAD = ' style="padding: 0.15em 0.8em"'  # table cells, in pages without a table style
+METRIC_COLUMNS = {"pixel_auroc": "pixel AUROC", "pro": "PRO", "image_auroc": "image AUROC"}
+
+
+def alpha_sweep(data, raw_test: RawMaps, raw_val: RawMaps, preset, alphas, normalization: str | None = None,
+                image_normalization: str | None = "preset") -> list[dict]:
+    """The ensemble's metric row at each alpha, as :func:`alpha_explorer` computes it at that slider
+    position (:func:`explorer_metrics`); the normalisations default to the preset's."""
+    normalization = normalization or preset.normalization
+    if image_normalization == "preset":
+        image_normalization = preset.image_normalization
+    rows = []
+    for alpha in alphas:
+        metric_rows, _ = explorer_metrics(data, raw_test, raw_val, preset, float(alpha), normalization,
+                                          image_normalization)
+        rows.append({"alpha": float(alpha), **next(r for r in metric_rows if r["method"] == "ensemble")})
+    return rows
+
+
+def alpha_figure(data, raw_test: RawMaps, raw_val: RawMaps, preset, alphas=None,
+                 normalizations=MAP_NORMALIZATIONS):
+    """The alpha explorer's metrics over the whole slider: one panel per normalisation of the maps
+    (the image score's as in the preset), the paper's alpha = 0.5 and the preset's alpha marked.
+    Returns the figure; its ``rows`` attribute maps each normalisation to :func:`alpha_sweep`'s rows."""
+    import matplotlib.pyplot as plt
+
+    alphas = [round(0.05 * i, 2) for i in range(21)] if alphas is None else list(alphas)
+    fig, axes = plt.subplots(1, len(normalizations), figsize=(4.6 * len(normalizations), 3.3), sharey=True,
+                             squeeze=False)
+    fig.rows = {}
+    for ax, normalization in zip(axes[0], normalizations):
+        rows = fig.rows[normalization] = alpha_sweep(data, raw_test, raw_val, preset, alphas, normalization)
+        for key, label in METRIC_COLUMNS.items():
+            ax.plot(alphas, [r[key] for r in rows], marker="o", markersize=3, label=label)
+        ax.axvline(PAPER_ALPHA, color="gray", linestyle="--", linewidth=1, label="paper (0.5)")
+        ax.axvline(preset.alpha, color="gray", linestyle=":", linewidth=1, label=f"preset ({preset.alpha:g})")
+        ax.set(xlabel=r"$\alpha$ (0: feature only, 1: KL only)", title=f"maps: {normalization}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ensemble")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def timestep_figure(data, raw_test: RawMaps, raw_val: RawMaps, preset, subsets):
+    """The ensemble's metrics for each subset of timesteps, as the timesteps widget computes them
+    (:func:`diffad.evaluate.settings_sweep` over ``test_timesteps``): one group of bars per subset.
+    Returns the figure; its ``rows`` attribute holds the metric rows."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from diffad.evaluate import settings_sweep
+
+    subsets = [tuple(sorted(s)) for s in subsets]
+    rows = settings_sweep(data, raw_test, raw_val, preset, methods=("ensemble",), test_timesteps=subsets)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(subsets) + 2), 3.3))
+    x = np.arange(len(subsets))
+    width = 0.8 / len(METRIC_COLUMNS)
+    for i, (key, label) in enumerate(METRIC_COLUMNS.items()):
+        ax.bar(x + (i - 1) * width, [r[key] for r in rows], width, label=label)
+    low = min(r[k] for r in rows for k in METRIC_COLUMNS)
+    ax.set(xticks=x, ylim=(max(0.0, low - 0.05), 1.0), ylabel="ensemble", xlabel="timesteps averaged")
+    ax.set_xticklabels([", ".join(map(str, s)) for s in subsets], rotation=30, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.rows = rows
+    return fig
+
+
+def table_html(rows: list[dict], columns: dict[str, str], caption: str | None = None) -> str:
+    """An HTML table of ``rows`` (dicts): ``columns`` maps a key to its header; floats in [0, 1]
+    print as percentages with one decimal, like the widgets' printed metrics."""
+    def cell(value) -> str:
+        if isinstance(value, float) and 0.0 <= value <= 1.0:
+            value = f"{100 * value:.1f}"
+        return f"<td{PAD}>{html.escape(str(value))}</td>"
+
+    head = "".join(f"<th{PAD}>{html.escape(label)}</th>" for label in columns.values())
+    body = "".join("<tr>" + "".join(cell(r.get(key, "")) for key in columns) + "</tr>" for r in rows)
+    caption = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

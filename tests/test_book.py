@@ -14,6 +14,8 @@ import nbformat
 import pytest
 import yaml
 
+from diffad import book
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,14 +42,22 @@ def chapters() -> list[str]:
     return [f for f in files if (ROOT / f"{f}.ipynb").is_file()]
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")  # GitHub's runners: Chrome
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def find_browser() -> str | None:
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
+
+
 @pytest.fixture(scope="session")
 def chromium():
-    path = shutil.which("chromium")
+    path = find_browser()
     if path is None:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
         subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
                        env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        path = shutil.which("chromium")
+        path = find_browser()
     assert path, "chromium could not be installed"
     return path
 
@@ -56,7 +66,7 @@ def chromium():
 def built_book(tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    config["execute"]["execute_notebooks"] = "off"  # render the stored outputs
+    config["execute"]["execute_notebooks"] = "off"  # render the stored outputs (the book: "cache")
     config_path = out / "_config.yml"
     config_path.write_text(yaml.safe_dump(config))
     subprocess.run(
@@ -92,4 +102,51 @@ def test_every_chapter_page_renders(built_book, chromium, tmp_path):
         images = len(re.findall(r"<img[^>]+src=\"[^\"]*_images/[^\"]+\"", html))
         assert images >= figures, f"{name}: {figures} figures in the notebook, {images} shown"
         colab = re.findall(r"https://colab\.research\.google\.com/github/[^\"]+", html)
-        assert colab and colab[0].endswith(f"/blob/main/{name}.ipynb"), f"{name}: Colab button {colab[:1]}"
+        repository = book.repository_url().removeprefix("https://github.com/")
+        expected = f"https://colab.research.google.com/github/{repository}/blob/main/{name}.ipynb"
+        assert colab and colab[0] == expected, f"{name}: Colab button {colab[:1]}, not {expected}"
+
+
+def widget_cells_without_a_static_view(html: str) -> tuple[int, list[str]]:
+    """The widget cells of a page, and those not followed, before the next widget, by a code cell
+    whose output shows a figure or a table outside any collapsed (hidden) part of the page."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(html, "html.parser")
+    cells = [c for c in soup.select("div.cell") if c.select_one("div.cell_output")]
+    missing, widgets = [], 0
+
+    def is_widget(cell):
+        return cell.find("script", attrs={"type": WIDGET_VIEW}) is not None
+
+    def shown(cell):
+        hidden = {"tag_hide-output", "tag_remove-output"} & set(cell.get("class", []))
+        output = cell.select_one("div.cell_output")
+        visible = [e for e in output.find_all(["img", "table"]) if e.find_parent("details") is None]
+        return not hidden and any(e.name == "table" or "_images/" in e.get("src", "") for e in visible)
+
+    for index, cell in enumerate(cells):
+        if not is_widget(cell):
+            continue
+        widgets += 1
+        following = [c for c in cells[index + 1:] if "tag_hide-output" not in c.get("class", [])]
+        if not following or is_widget(following[0]) or not shown(following[0]):
+            missing.append(cell.get_text(" ", strip=True)[:80])
+    return widgets, missing
+
+
+@pytest.mark.slow
+def test_every_widget_is_followed_by_a_figure_or_table_on_the_page(built_book, chromium, tmp_path):
+    """A widget needs a kernel; the published page shows what it would, as a figure or a table."""
+    widgets = 0
+    for name in chapters():
+        notebook = nbformat.read(ROOT / f"{name}.ipynb", as_version=4)
+        expected = sum(1 for c in notebook.cells if c.cell_type == "code"
+                       for o in c.get("outputs", []) if WIDGET_VIEW in o.get("data", {}))
+        if not expected:
+            continue
+        found, missing = widget_cells_without_a_static_view(dom(chromium, built_book / f"{name}.html", tmp_path))
+        assert found == expected, f"{name}: {expected} widgets in the notebook, {found} on the page"
+        assert not missing, f"{name}: no figure or table under the widget(s) {missing}"
+        widgets += found
+    assert widgets >= 4
