@@ -37,9 +37,12 @@ def records_markdown(rows: list[dict], columns: list[str] | None = None, digits:
     return markdown_table(columns, [[cell(row[c]) for c in columns] for row in rows])
 
 
-def html_table(header: Sequence[str], rows: Iterable[Sequence], caption: str | None = None) -> str:
-    """An HTML table (cells escaped), e.g. for an ipywidgets label."""
-    head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    caption = f"<caption>{html.escape(caption)}</caption>" if caption is not None else ""
-    return f"<table>{caption}{head}{body}</table>"
+def html_table(header: Sequence[str], rows: Iterable[Sequence], caption: str | None = None,
+               cell_attributes: str = "") -> str:
+    """An HTML table (cells escaped), e.g. for an ipywidgets label or a static page;
+    ``cell_attributes`` go into every ``<th>`` and ``<td>`` (e.g. a style)."""
+    head = "".join(f"<th{cell_attributes}>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td{cell_attributes}>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    caption = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -7,7 +7,6 @@ from cached raw maps with :func:`diffad.evaluate.diffusion_rows`, without runnin
 
 from __future__ import annotations
 
-import html
 import io
 
 from diffad.evaluate import diffusion_rows
@@ -190,12 +189,8 @@ def timestep_figure(data, raw_test: RawMaps, raw_val: RawMaps, preset, subsets):
 def table_html(rows: list[dict], columns: dict[str, str], caption: str | None = None) -> str:
     """An HTML table of ``rows`` (dicts): ``columns`` maps a key to its header; floats in [0, 1]
     print as percentages with one decimal, like the widgets' printed metrics."""
-    def cell(value) -> str:
-        if isinstance(value, float) and 0.0 <= value <= 1.0:
-            value = f"{100 * value:.1f}"
-        return f"<td{PAD}>{html.escape(str(value))}</td>"
+    def cell(value):
+        return f"{100 * value:.1f}" if isinstance(value, float) and 0.0 <= value <= 1.0 else value
 
-    head = "".join(f"<th{PAD}>{html.escape(label)}</th>" for label in columns.values())
-    body = "".join("<tr>" + "".join(cell(r.get(key, "")) for key in columns) + "</tr>" for r in rows)
-    caption = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = [[cell(r.get(key, "")) for key in columns] for r in rows]
+    return html_table(list(columns.values()), body, caption, cell_attributes=PAD)
