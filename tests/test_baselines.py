@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from diffad.backbones import FeatureExtractor
-from diffad.baselines import SPADE, PaDiM, Prediction
+from diffad.baselines import SPADE, PaDiM, PatchCore, Prediction
 from diffad.metrics import image_auroc, pixel_auroc
 from diffad.scoring import smooth
 
@@ -56,6 +56,11 @@ def padim(extractor, data):
 @pytest.fixture(scope="module")
 def spade(extractor, data):
     return SPADE(extractor, k=5, device="cpu").fit(data[0])
+
+
+@pytest.fixture(scope="module")
+def patchcore(extractor, data):
+    return PatchCore(extractor, device="cpu").fit(data[0])
 
 
 # ---------------------------------------------------------------------- PaDiM
@@ -194,13 +199,13 @@ def test_spade_k_larger_than_training_set_uses_all_images(extractor, data):
 # ---------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("cls", [PaDiM, SPADE])
+@pytest.mark.parametrize("cls", [PaDiM, SPADE, PatchCore])
 def test_predict_before_fit_raises(cls, extractor, data):
     with pytest.raises(ValueError, match="not fitted"):
         cls(extractor, device="cpu").predict(data[1])
 
 
-@pytest.mark.parametrize("name", ["padim", "spade"])
+@pytest.mark.parametrize("name", ["padim", "spade", "patchcore"])
 def test_bad_images_raise(name, request, data):
     model = request.getfixturevalue(name)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
@@ -213,6 +218,8 @@ def test_bad_images_raise(name, request, data):
         model.predict((data[1] * 255).to(torch.uint8))
     with pytest.raises(ValueError, match="torch.Tensor"):
         model.predict(data[1].numpy())
+    with pytest.raises(ValueError, match="empty"):
+        type(model)(model.extractor, device="cpu").fit(data[0][:0])
 
 
 def test_constructor_errors(extractor, data):

@@ -246,24 +246,7 @@ def test_pasted_defect_scores_higher():
 # ---------------------------------------------------------------------------- errors
 
 
-def test_predict_before_fit_raises(extractor, data):
-    with pytest.raises(ValueError, match="not fitted"):
-        PatchCore(extractor, device="cpu").predict(data[1])
-
-
-def test_bad_images_raise(patchcore, data):
-    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        patchcore.predict(data[1][:, :1])
-    with pytest.raises(ValueError, match="fitted on"):
-        patchcore.predict(smooth_noise(1, seed=5, size=32))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        patchcore.predict(data[1] * 255)
-    with pytest.raises(ValueError, match="floating point"):
-        patchcore.predict((data[1] * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match="torch.Tensor"):
-        patchcore.predict(data[1].numpy())
-    with pytest.raises(ValueError, match="empty"):
-        PatchCore(patchcore.extractor, device="cpu").fit(data[0][:0])
+# Unfitted use and bad images: tests/test_baselines.py, shared with PaDiM and SPADE.
 
 
 @pytest.mark.parametrize("kwargs, match", [
