@@ -42,7 +42,7 @@ def plan_table() -> list[str]:
         rows.append(f"| {name} {gpu.memory_gib:.1f} GiB | {plan.precision.value}{scaler} | "
                     f"{'yes' if plan.gradient_checkpointing else 'no'} | {plan.ema_device} | "
                     f"{plan.peak_bytes / GIB:.1f} | {plan.budget_bytes / GIB:.1f} | {'yes' if plan.fits else 'NO'} | "
-                    f"{plan.seconds_per_step:.2f} | {plan.seconds_per_step * plan.preset.train_steps / 3600:.1f} |")
+                    f"{plan.seconds_per_step:.2f} | {plan.hours_per_model:.1f} |")
     cpu = get_preset("cpu")
     channels = FeatureExtractor(cpu.backbone, pretrained=False).out_channels
     plan = plan_training(cpu, "cpu", feature_channels=channels)

@@ -169,8 +169,7 @@ def score_raw(
         for j, t_index in enumerate(timesteps):
             one = OnePass(model, diffusion, x0, t_index, noise[j], category, feature_grid=grid)
             if mode == "authors":  # the official code's feature branch: raw index as timestep
-                extra = {"feature_grid": grid} if grid else {}
-                one.features = unet(one.x_t, one.t, return_features=True, **extra, **label)[1].float()
+                one.features = unet(one.x_t, one.t, return_features=True, feature_grid=grid, **label)[1].float()
             feature_error = one.feature_error(target)
             kl = one.kl()
             if preset.kl_standardization == "authors":

@@ -375,8 +375,8 @@ class TrainingPlan:
             if self.budget_bytes is not None:
                 line += f" of {self.budget_bytes / GIB:.1f} GiB" + ("" if self.fits else " (does NOT fit)")
         if self.seconds_per_step is not None:
-            hours = self.seconds_per_step * self.preset.train_steps / 3600
-            line += f"; est. {self.seconds_per_step:.2f} s/step, {hours:.1f} h for {self.preset.train_steps} steps"
+            line += (f"; est. {self.seconds_per_step:.2f} s/step, {self.hours_per_model:.1f} h for "
+                     f"{self.preset.train_steps} steps")
         if self.gpus is not None and self.hours_for_table is not None:
             gpus = f"{self.gpus} GPU" + ("s" if self.gpus > 1 else "")
             if self.unified:
@@ -430,8 +430,7 @@ class TrainingPlan:
             "channels_last": self.channels_last, "peak_bytes": self.peak_bytes, "budget_bytes": self.budget_bytes,
             "fits": self.fits, "flops_per_step": self.flops_per_step, "seconds_per_step": self.seconds_per_step,
             "assumed_utilisation": ASSUMED_UTILISATION,
-            "hours_per_category": None if self.seconds_per_step is None
-            else self.seconds_per_step * self.preset.train_steps / 3600,
+            "hours_per_category": self.hours_per_model,
             "num_classes": self.num_classes, "gpus": self.gpus, "table_categories": self.table_categories,
             "table_models": 1 if self.unified else self.table_categories,
             "table_rounds": self.table_rounds, "table_ranks": self.table_ranks if self.unified else 1,
