@@ -283,3 +283,82 @@ def maps_figure(data, maps: dict, indices=None, n: int = 4, cmap: str = "inferno
     fig = image_table(rows, masks=masks, row_labels=[data.defect_types[i] for i in indices],
                       col_labels=["image", "ground truth"] + list(maps), size=size, cmap=cmap, mask_color="cyan")
     return fig
+
+
+# The boxes of :func:`pipeline_diagram`: name -> (centre x, centre y, label), in axes fractions.
+PIPELINE_BOXES = {
+    "x0": (0.06, 0.55, "$x_0$\ntest image"),
+    "xt": (0.215, 0.55, "noise once to $x_t$\n"
+                        r"$\sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon$"),
+    "unet": (0.375, 0.55, "UNet\none pass at $t$"),
+    "eps": (0.53, 0.80, r"$\epsilon_\theta$" "\npredicted noise"),
+    "v": (0.53, 0.57, "$v$\nvariance interpolation"),
+    "features": (0.53, 0.30, r"$h_\theta$" "\npredicted features"),
+    "backbone": (0.375, 0.07, r"backbone $\phi(x_0)$" "\nfrozen ImageNet CNN"),
+    "kl": (0.72, 0.68, "KL map, per pixel\n" r"$D_\mathrm{KL}(q\,\|\,p_\theta)$"),
+    "feature_map": (0.72, 0.30, "feature map\n" r"$\|\phi(x_0) - h_\theta\|^2$"),
+    "ensemble": (0.905, 0.49, "ensemble, mean over $t$\n"
+                              r"$\alpha\,\hat s_\mathrm{KL} + (1-\alpha)\,s_\mathrm{feature}$"),
+    "score": (0.905, 0.15, "image score\nmean of the top-k pixels"),
+}
+# (from, to, label on the arrow or None, where the label goes)
+PIPELINE_ARROWS = (
+    ("x0", "xt", None, None), ("xt", "unet", None, None), ("unet", "eps", None, None),
+    ("unet", "v", None, None), ("unet", "features", None, None), ("x0", "backbone", None, None),
+    ("eps", "kl", r"$\hat x_0 \to$ mean", (0.655, 0.80)),
+    ("v", "kl", r"$\Sigma_\theta$", (0.635, 0.595)),
+    ("features", "feature_map", None, None),
+    ("backbone", "feature_map", "target", (0.60, 0.145)),
+    ("kl", "ensemble", "z-score", (0.845, 0.65)),
+    ("feature_map", "ensemble", None, None), ("ensemble", "score", None, None),
+)
+
+
+def pipeline_diagram(figsize=(13, 4.6)):
+    """The one-pass pipeline as a box-and-arrow figure (a lecture slide); returns the Figure.
+
+    x0 is noised once to x_t; one UNet pass gives the noise prediction, the variance
+    interpolation and the feature head's prediction; the first two with x0 give the KL map, the
+    third with the backbone's features of x0 the feature map; the maps of every test timestep
+    are normalised and ensembled, and the image score reads the final map. The boxes are
+    :data:`PIPELINE_BOXES`, the arrows :data:`PIPELINE_ARROWS`.
+    """
+    from matplotlib.patches import FancyArrowPatch
+
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    colours = {"x0": "#e8e8e8", "xt": "#e8e8e8", "unet": "#cfe2f3", "eps": "#cfe2f3", "v": "#cfe2f3",
+               "features": "#cfe2f3", "backbone": "#fce5cd", "kl": "#d9ead3", "feature_map": "#d9ead3",
+               "ensemble": "#fff2cc", "score": "#fff2cc"}
+    # the per-timestep part of the pipeline
+    ax.add_patch(plt.Rectangle((0.135, 0.17), 0.675, 0.76, fill=False, linestyle="--",
+                               edgecolor="grey", linewidth=0.8))
+    ax.text(0.14, 0.92, "for each test timestep $t$: one UNet pass", fontsize=8, color="grey",
+            va="top")
+    texts = {}
+    for name, (x, y, label) in PIPELINE_BOXES.items():
+        texts[name] = ax.text(x, y, label, ha="center", va="center", fontsize=8.5, zorder=3,
+                              bbox=dict(boxstyle="round,pad=0.45", facecolor=colours[name],
+                                        edgecolor="black", linewidth=0.8))
+    fig.canvas.draw()  # the text boxes get their sizes: arrows start and end at their edges
+
+    def arrow(start, end, **style):
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=14, zorder=4,
+                                     **{"linewidth": 1.0, "color": "black", **style}))
+
+    for start, end, label, where in PIPELINE_ARROWS:
+        arrow(PIPELINE_BOXES[start][:2], PIPELINE_BOXES[end][:2],
+              patchA=texts[start].get_bbox_patch(), patchB=texts[end].get_bbox_patch())
+        if label:
+            ax.text(*where, label, ha="center", va="center", fontsize=7.5, color="dimgrey", zorder=5)
+    # x0 (with x_t) also enters the KL map: the true posterior q(x_{t-1} | x_t, x0) needs the
+    # clean image. Drawn as a route over the top of the frame.
+    x0_x, kl_x, top = PIPELINE_BOXES["x0"][0], PIPELINE_BOXES["kl"][0] + 0.05, 0.97
+    ax.plot([x0_x, x0_x, kl_x], [0.62, top, top], color="dimgrey", linestyle="--", linewidth=1.0)
+    arrow((kl_x, top), (kl_x, PIPELINE_BOXES["kl"][1]), patchB=texts["kl"].get_bbox_patch(),
+          color="dimgrey", linestyle="--")
+    ax.text(0.40, top + 0.005, "$x_0$ and $x_t$ give the true posterior $q$", fontsize=7.5,
+            color="dimgrey", ha="center", va="bottom")
+    return fig

@@ -122,3 +122,17 @@ def test_maps_figure_rejects_bad_maps():
         viz.maps_figure(data, {})
     with pytest.raises(ValueError, match="has 2 images"):
         viz.maps_figure(data, {"KL": torch.zeros(2, 12, 12)})
+
+
+def test_pipeline_diagram_draws_every_box_of_the_one_pass_pipeline():
+    fig = viz.pipeline_diagram()
+    assert isinstance(fig, matplotlib.figure.Figure)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    boxed = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_bbox_patch() is not None]
+    assert sorted(boxed) == sorted(label for _, _, label in viz.PIPELINE_BOXES.values())
+    for words in ("$x_0$", "$x_t$", "UNet", r"$\epsilon_\theta$", "$v$", r"$h_\theta$", "KL map",
+                  "feature map", "ensemble", "image score"):
+        assert any(words in text for text in boxed), words
+    assert sum(isinstance(p, matplotlib.patches.FancyArrowPatch) for p in fig.axes[0].patches) \
+        == len(viz.PIPELINE_ARROWS) + 1  # and the route of x0 into the KL map
+    assert any("true posterior" in text for text in texts)
