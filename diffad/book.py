@@ -12,6 +12,7 @@ the book does not retrain them (``python -m diffad train`` reproduces each one; 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -106,14 +107,21 @@ def _run_name(preset: Preset, categories: list[str]) -> str:
 
 
 def shipped_checkpoint(preset: Preset, categories: list[str]) -> Path | None:
-    """A checkpoint shipped with diffad for exactly this preset and categories, if any."""
-    path = SHIPPED / f"{_run_name(preset, categories)}.pt"
-    if not path.is_file():
-        return None
-    saved = TrainedModel.load(path)
+    """A checkpoint shipped with diffad for exactly this preset's training settings and categories.
+
+    ``<preset>-<categories>.pt`` is the preset's own model; ``<preset>-<categories>-<fingerprint>.pt``
+    are variants trained with other settings (the authors' training choices, other seeds), found
+    by comparing the training fields each file records, never by name alone.
+    """
     wanted = preset.for_categories(categories)
-    same = not training_differences(saved.preset, wanted) and saved.categories == categories
-    return path if same else None
+    run = _run_name(preset, categories)
+    candidates = [SHIPPED / f"{run}.pt", *sorted(SHIPPED.glob(f"{glob.escape(run)}-*.pt"))]
+    for path in candidates:
+        if path.is_file():
+            saved = TrainedModel.load(path)
+            if not training_differences(saved.preset, wanted) and saved.categories == categories:
+                return path
+    return None
 
 
 def model_folder(ctx: Context, categories: list[str]) -> Path:
@@ -147,8 +155,8 @@ def trained_model(ctx: Context, categories: str | list[str], progress: bool = Tr
 
 def shipped_categories(preset: Preset) -> set[str]:
     """Categories with a shipped single-category checkpoint for ``preset``."""
-    return {name for name in {p.stem.split("-", 1)[1] for p in SHIPPED.glob(f"{preset.name}-*.pt")}
-            if "+" not in name and shipped_checkpoint(preset, [name]) is not None}
+    names = {p.stem[len(preset.name) + 1:].split("-")[0] for p in SHIPPED.glob(f"{preset.name}-*.pt")}
+    return {name for name in names if "+" not in name and shipped_checkpoint(preset, [name]) is not None}
 
 
 def category_data(ctx: Context, category: str) -> CategoryData:
@@ -156,8 +164,11 @@ def category_data(ctx: Context, category: str) -> CategoryData:
 
 
 def settings_hash(preset: Preset) -> str:
-    """A short fingerprint of every preset field, to key cached results."""
-    return fingerprint(preset.to_dict(), 10)
+    """A short fingerprint of every preset field and of ``evaluate.EVALUATION_VERSION``, to key
+    cached results: new settings, or an evaluation that changed, start afresh."""
+    from diffad.evaluate import EVALUATION_VERSION
+
+    return fingerprint({**preset.to_dict(), "evaluation_version": EVALUATION_VERSION}, 10)
 
 
 def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from diffad import distributed
 from diffad.data import MVTecAD, is_builtin, list_categories
-from diffad.metrics import image_auroc, pixel_auroc, pro, pro_authors
+from diffad.metrics import INTERVAL_COLUMNS, ImageBootstrap, bootstrap_intervals, image_auroc, pixel_auroc, pro, pro_authors
 from diffad.presets import Preset, get_preset
 from diffad.scoring import RawMaps, final_maps, score_raw
 from diffad.tables import markdown_table
@@ -38,6 +38,12 @@ from diffad.train import TrainedModel, build_feature_extractor, fit, pick_device
 BASELINE_METHODS = ("spade", "padim", "patchcore")
 METHODS = ("ensemble", "kl", "rgb", "feature") + BASELINE_METHODS
 RESULT_COLUMNS = ("category", "method", "pixel_auroc", "pro", "image_auroc")
+# Resamples of the test images behind each 95% interval of results.csv (metrics.ImageBootstrap).
+BOOTSTRAP_RESAMPLES = 1000
+# Bumped when a change to diffad changes recorded results without changing a preset field, so that
+# caches keyed by settings (book.settings_hash) start afresh: 2 = masks downsampled by area
+# (data.mvtec.downsample_mask), intervals and image scores recorded.
+EVALUATION_VERSION = 2
 PAPER_TABLE1 = Path(__file__).parent / "resources" / "paper_table1.csv"
 QUOTED_AVERAGES = Path(__file__).parent / "resources" / "quoted_averages.csv"
 
@@ -56,7 +62,8 @@ class CategoryData:
 
     @classmethod
     def load(cls, data_root, category: str, preset: Preset) -> "CategoryData":
-        common = dict(image_size=preset.image_size, val_fraction=preset.val_fraction, seed=preset.seed)
+        common = dict(image_size=preset.image_size, val_fraction=preset.val_fraction, seed=preset.seed,
+                      image_resize=preset.image_resize)
         train = MVTecAD(data_root, category, split="train", **common)
         val = MVTecAD(data_root, category, split="val", **common)
         test = MVTecAD(data_root, category, split="test", mask_rule=preset.mask_rule, **common)
@@ -68,20 +75,47 @@ class CategoryData:
 PRO_IMPLEMENTATIONS = {"exact": pro, "authors": pro_authors}
 
 
-def metric_row(category: str, method: str, masks, maps, labels, scores, pro_implementation: str = "exact") -> dict:
+def metric_row(category: str, method: str, masks, maps, labels, scores, pro_implementation: str = "exact",
+               intervals: int = 0, seed: int = 0) -> dict:
     """One results row: pixel AUROC and PRO over the maps, image AUROC over the scores.
 
     ``pro_implementation``: "exact" (MVTec's PRO) or "authors" (their thinned approximation).
+    ``intervals``: that many bootstrap resamples of the test images (seeded by ``seed``) add 95%
+    intervals as ``INTERVAL_COLUMNS`` (``pixel_auroc_lo``, ``pixel_auroc_hi``, ...; exact PRO).
     """
     if pro_implementation not in PRO_IMPLEMENTATIONS:
         raise ValueError(f"pro_implementation must be one of {sorted(PRO_IMPLEMENTATIONS)}, got {pro_implementation!r}")
-    return {
+    row = {
         "category": category,
         "method": method,
         "pixel_auroc": pixel_auroc(masks, maps),
         "pro": PRO_IMPLEMENTATIONS[pro_implementation](masks, maps),
         "image_auroc": image_auroc(labels, scores),
     }
+    if intervals:
+        row.update(bootstrap_intervals(masks, maps, labels, scores, n_resamples=intervals, seed=seed))
+    return row
+
+
+def difference_interval(masks, labels, first: tuple, second: tuple, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """The difference first - second of each metric, with a paired bootstrap interval.
+
+    ``first`` and ``second`` are (maps, image scores) of two methods on the same test images; both
+    are scored on the same resamples, so what the images share cancels. metric -> {"difference",
+    "lo", "hi", "tie"}: a tie when the interval holds 0.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_resamples)])
+    boots = [ImageBootstrap(masks, maps, labels, scores) for maps, scores in (first, second)]
+    point = boots[0].metrics(np.ones(n)), boots[1].metrics(np.ones(n))
+    diffs = boots[0].metrics_batch(weights) - boots[1].metrics_batch(weights)
+    tail = 100 * (1 - level) / 2
+    low, high = np.nanpercentile(diffs, [tail, 100 - tail], axis=0)
+    return {metric: {"difference": point[0][i] - point[1][i], "lo": float(low[i]), "hi": float(high[i]),
+                     "tie": bool(low[i] <= 0 <= high[i])}
+            for i, metric in enumerate(RESULT_COLUMNS[2:])}
 
 
 @dataclass
@@ -108,19 +142,20 @@ def score_category(model: TrainedModel, data: CategoryData, seed: int = 0, devic
 
 
 def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset,
-                   alpha: float | None = None) -> tuple[list[dict], dict, dict]:
-    """Metrics of the ensemble, KL, RGB and feature maps with the preset's settings (alpha may be given)."""
+                   alpha: float | None = None, intervals: int = 0) -> tuple[list[dict], dict, dict]:
+    """Metrics of the ensemble, KL, RGB and feature maps with the preset's settings (alpha may be given);
+    ``intervals`` bootstrap resamples add 95% intervals (:func:`metric_row`)."""
     maps, all_scores = final_maps(raw_test, raw_val, preset, alpha)
     rows, scores = [], {}
     for method in ("ensemble", "kl", "rgb", "feature"):
         scores[method] = all_scores[method]
         rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method],
-                               preset.pro_implementation))
+                               preset.pro_implementation, intervals, preset.seed))
     return rows, maps, scores
 
 
 def baseline_rows(data: CategoryData, preset: Preset, device=None,
-                  methods: tuple[str, ...] = BASELINE_METHODS) -> tuple[list[dict], dict, dict]:
+                  methods: tuple[str, ...] = BASELINE_METHODS, intervals: int = 0) -> tuple[list[dict], dict, dict]:
     """SPADE, PaDiM and PatchCore (or those of ``methods``) on the same backbone and images as the diffusion model."""
     from diffad.baselines import PaDiM, PatchCore, SPADE
 
@@ -135,18 +170,18 @@ def baseline_rows(data: CategoryData, preset: Preset, device=None,
         method.fit(data.train_images)
         maps[name], scores[name] = method.predict(data.test_images)
         rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels, scores[name],
-                               preset.pro_implementation))
+                               preset.pro_implementation, intervals, preset.seed))
     return rows, maps, scores
 
 
 def evaluate_category(model: TrainedModel, data_root, category: str, baselines: bool = True, seed: int = 0,
-                      device=None, progress: bool = False) -> CategoryResult:
-    """All methods' metrics on one category's test split."""
+                      device=None, progress: bool = False, intervals: int = BOOTSTRAP_RESAMPLES) -> CategoryResult:
+    """All methods' metrics on one category's test split, with ``intervals`` bootstrap resamples."""
     data = CategoryData.load(data_root, category, model.preset)
     raw_test, raw_val = score_category(model, data, seed, device, progress)
-    rows, maps, scores = diffusion_rows(data, raw_test, raw_val, model.preset)
+    rows, maps, scores = diffusion_rows(data, raw_test, raw_val, model.preset, intervals=intervals)
     if baselines:
-        b_rows, b_maps, b_scores = baseline_rows(data, model.preset, device)
+        b_rows, b_maps, b_scores = baseline_rows(data, model.preset, device, intervals=intervals)
         rows, maps, scores = rows + b_rows, {**maps, **b_maps}, {**scores, **b_scores}
     return CategoryResult(rows, maps, scores, raw_test, raw_val, {"data": data})
 
@@ -166,12 +201,12 @@ def complete_baselines(folder: str | Path, category: str, rows: list[dict], data
         return rows
     preset = preset.for_categories(category)
     data = CategoryData.load(data_root, category, preset)
-    new_rows, maps, _ = baseline_rows(data, preset, device, missing)
+    new_rows, maps, scores = baseline_rows(data, preset, device, missing, intervals=BOOTSTRAP_RESAMPLES)
     saved = folder / "maps.npz"
     if saved.is_file():
         with np.load(saved) as old:
             arrays = dict(old)
-        arrays.update({k: v.numpy().astype(np.float32) for k, v in maps.items()})
+        arrays.update(_saved_arrays(maps, scores))
         tmp = folder / "maps.tmp.npz"
         np.savez_compressed(tmp, **arrays)
         tmp.replace(saved)
@@ -182,20 +217,31 @@ def complete_baselines(folder: str | Path, category: str, rows: list[dict], data
     return rows
 
 
+def _saved_arrays(maps: dict, scores: dict) -> dict[str, np.ndarray]:
+    """What maps.npz keeps of each method: its maps, and its image scores as ``<method>_scores``."""
+    arrays = {k: v.numpy().astype(np.float32) for k, v in maps.items()}
+    arrays.update({f"{k}_scores": np.asarray(v, dtype=np.float64) for k, v in scores.items()})
+    return arrays
+
+
 def write_results_csv(rows: list[dict], path: str | Path) -> Path:
+    """One line per row: RESULT_COLUMNS, and the 95% intervals (INTERVAL_COLUMNS) when every row has them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    columns = RESULT_COLUMNS + (INTERVAL_COLUMNS if rows and all(c in r for r in rows for c in INTERVAL_COLUMNS)
+                                else ())
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in RESULT_COLUMNS})
+            writer.writerow({k: (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]) for k in columns})
     return path
 
 
 def read_results_csv(path: str | Path) -> list[dict]:
+    numeric = RESULT_COLUMNS[2:] + INTERVAL_COLUMNS
     with open(path, newline="") as handle:
-        return [{**r, **{k: float(r[k]) for k in RESULT_COLUMNS[2:]}} for r in csv.DictReader(handle)]
+        return [{**r, **{k: float(r[k]) for k in numeric if k in r}} for r in csv.DictReader(handle)]
 
 
 def read_paper_table1(path: str | Path = PAPER_TABLE1) -> dict[str, dict[str, float]]:
@@ -277,8 +323,10 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     Models train into ``<out>/<category>/model`` unless ``model_loader(category)`` supplies them
     (the book passes its cache of trained models). A category already recorded is read back,
     and only the baselines it lacks are run (:func:`complete_baselines`).
-    Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc), ``<out>/table1.md``,
-    ``<out>/<category>/maps.npz`` (per-image maps of every method) and ``<out>/<category>/overlays.png``.
+    Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc and their 95%
+    bootstrap intervals ``pixel_auroc_lo``, ``pixel_auroc_hi``, ...), ``<out>/table1.md``,
+    ``<out>/<category>/maps.npz`` (per-image maps of every method, its image scores as
+    ``<method>_scores``, the labels and masks) and ``<out>/<category>/overlays.png``.
 
     Under torchrun with N processes the categories spread over them: rank r trains and scores
     categories r, r + N, ... on its own device (``cuda:LOCAL_RANK``), one model each, no DDP.
@@ -339,9 +387,9 @@ def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: P
     else:
         model = fit(data_root, category, folder / "model", preset, device=device, progress=progress, ddp=False)
     result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
-                               device=device, progress=progress)
+                               device=device, progress=progress, intervals=BOOTSTRAP_RESAMPLES)
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(folder / "maps.npz", **{k: v.numpy().astype(np.float32) for k, v in result.maps.items()},
+    np.savez_compressed(folder / "maps.npz", **_saved_arrays(result.maps, result.scores),
                         labels=result.extra["data"].test_labels.numpy(),
                         masks=result.extra["data"].test_masks.numpy().astype(np.uint8))
     if figures:

@@ -33,6 +33,9 @@ __all__ = [
     "threshold_sweep_curve",
     "trapezoid",
     "label_regions",
+    "ImageBootstrap",
+    "bootstrap_intervals",
+    "INTERVAL_COLUMNS",
 ]
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
@@ -303,3 +306,124 @@ def pro_authors(masks, maps, fpr_limit: float = 0.3, max_thresholds: int = 1000)
         last_fpr, last_pro = x, y
     area += (fpr_limit - last_fpr) * last_pro
     return float(area / fpr_limit)
+
+
+INTERVAL_COLUMNS = ("pixel_auroc_lo", "pixel_auroc_hi", "pro_lo", "pro_hi", "image_auroc_lo", "image_auroc_hi")
+
+
+def _pair_counts(positive_scores, positive_owner, negatives_by_owner, n_owners: int) -> np.ndarray:
+    """(owners x owners) counts of (positive of i, negative of j) pairs ranked right, ties half:
+    the Mann-Whitney numerator of an AUROC split by who owns each side of the pair."""
+    counts = np.zeros((n_owners, n_owners))
+    for j, negatives in enumerate(negatives_by_owner):
+        if len(negatives):
+            below = np.searchsorted(negatives, positive_scores, "left")
+            not_above = np.searchsorted(negatives, positive_scores, "right")
+            counts[:, j] = np.bincount(positive_owner, 0.5 * (below + not_above), n_owners)
+    return counts
+
+
+class ImageBootstrap:
+    """Pixel AUROC, PRO and image AUROC on test sets resampled by image, for confidence intervals.
+
+    A resample draws as many images as the test set has, with replacement; an image drawn k times
+    counts k times (its pixels in the AUROC, its normal pixels in the false-positive rate, its
+    defect regions in PRO's average). Everything that does not depend on the draw is computed
+    once: an AUROC of weighted images is ``w @ C @ w / (positives * negatives)`` with C the pair
+    counts between images, and PRO reweights a sparse (images x score groups) matrix, cut where
+    no draw can still be below ``fpr_limit``. A thousand resamples take seconds. With every
+    weight 1 the three numbers equal :func:`pixel_auroc`, :func:`pro` and :func:`image_auroc`.
+    """
+
+    def __init__(self, masks, maps, labels, scores, fpr_limit: float = 0.3):
+        masks_2d, maps = _prepare_maps(masks, maps)
+        masks = masks_2d
+        n = self.n_images = len(masks)
+        self.fpr_limit = fpr_limit
+        labels = _as_numpy(labels, "labels").ravel() != 0
+        scores = _as_numpy(scores, "scores").astype(np.float64).ravel()
+        if labels.shape != (n,) or scores.shape != (n,):
+            raise ValueError(f"need one label and one score per image ({n} images); got "
+                             f"{labels.shape[0]} labels and {scores.shape[0]} scores")
+        self.image_positive, self.image_negative = labels.astype(float), (~labels).astype(float)
+        self.image_pairs = _pair_counts(scores[labels], np.flatnonzero(labels),
+                                        [scores[j:j + 1] if not labels[j] else [] for j in range(n)], n)
+        flat, masks = maps.reshape(n, -1), masks.reshape(n, -1)
+        self.pixel_positive = masks.sum(1).astype(float)
+        self.pixel_negative = flat.shape[1] - self.pixel_positive
+        normal_by_image = [np.sort(flat[i][~masks[i]]) for i in range(n)]
+        owner = np.repeat(np.arange(n), masks.shape[1]).reshape(n, -1)
+        self.pixel_pairs = _pair_counts(flat[masks], owner[masks], normal_by_image, n)
+        self._pro_setup(_region_labels(masks_2d), flat, owner, normal_by_image)
+
+    def _pro_setup(self, region_labels, flat, owner, normal_by_image) -> None:
+        from scipy import sparse
+
+        regions, sizes = region_labels
+        # below the lowest score at which some image's own FPR is still within the limit, every
+        # draw's FPR is past it: those scores never reach the integral (one more kept to interpolate)
+        limits = [normal[max(0, len(normal) - int(np.ceil(self.fpr_limit * len(normal))) - 1)]
+                  for normal in normal_by_image if len(normal)]
+        cut = min(limits)
+        values = flat.reshape(-1)
+        order = np.argsort(-values, kind="stable")
+        ordered = values[order]
+        group = np.concatenate(([0], np.cumsum(ordered[1:] != ordered[:-1])))
+        last = int(group[np.searchsorted(-ordered, -cut, "right") - 1]) + 1
+        keep = group <= last
+        order, group = order[keep], group[keep]
+        self.n_groups = last + 1
+        region = regions.reshape(-1)[order]
+        image = owner.reshape(-1)[order]
+        inv_size = np.zeros(len(sizes))
+        inv_size[1:] = 1.0 / sizes[1:]
+        shape = (self.n_images, self.n_groups)
+        self.group_normal = sparse.csr_matrix(((region == 0).astype(float), (image, group)), shape=shape)
+        self.group_overlap = sparse.csr_matrix((inv_size[region], (image, group)), shape=shape)
+        region_image = np.zeros(len(sizes), dtype=np.int64)
+        region_image[regions.reshape(-1)] = owner.reshape(-1)
+        self.regions_per_image = np.bincount(region_image[1:], minlength=self.n_images).astype(float)
+
+    def metrics(self, weights) -> tuple[float, float, float]:
+        """(pixel AUROC, PRO, image AUROC) with image i counted ``weights[i]`` times (NaN if undefined)."""
+        return tuple(float(v) for v in self.metrics_batch(np.asarray(weights, dtype=np.float64)[None])[0])
+
+    def metrics_batch(self, weights: np.ndarray) -> np.ndarray:
+        """:meth:`metrics` for each row of ``weights`` (resamples x images): (resamples, 3)."""
+        w = np.asarray(weights, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pixel = np.einsum("bi,ij,bj->b", w, self.pixel_pairs, w) / ((w @ self.pixel_positive) * (w @ self.pixel_negative))
+            image = np.einsum("bi,ij,bj->b", w, self.image_pairs, w) / ((w @ self.image_positive) * (w @ self.image_negative))
+        pro_values = np.array([self._pro(row) for row in w])
+        return np.stack([np.where(np.isfinite(pro_values), pixel, np.nan), pro_values,
+                         np.where(np.isfinite(image), image, np.nan)], axis=1)
+
+    def _pro(self, w: np.ndarray) -> float:
+        n_regions, n_normal = w @ self.regions_per_image, w @ self.pixel_negative
+        if n_regions == 0 or n_normal == 0:
+            return float("nan")
+        fprs = np.cumsum(self.group_normal.T @ w) / n_normal
+        pros = np.cumsum(self.group_overlap.T @ w) / n_regions
+        inside = int(np.searchsorted(fprs, self.fpr_limit, "right"))
+        curve_x = np.concatenate(([0.0], np.minimum(fprs[:inside + 1], 1.0)))
+        curve_y = np.concatenate(([0.0], np.minimum(pros[:inside + 1], 1.0)))
+        if curve_x[-1] < self.fpr_limit:  # every normal pixel is counted before the limit
+            curve_x, curve_y = np.append(curve_x, 1.0), np.append(curve_y, 1.0)
+        return min(trapezoid(curve_x, curve_y, self.fpr_limit) / self.fpr_limit, 1.0)
+
+    def intervals(self, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+        """Percentile intervals over ``n_resamples`` seeded resamples, as ``INTERVAL_COLUMNS``."""
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, self.n_images, (n_resamples, self.n_images))
+        weights = np.stack([np.bincount(d, minlength=self.n_images) for d in draws])
+        values = self.metrics_batch(weights)
+        tail = 100 * (1 - level) / 2
+        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
+        return dict(zip(INTERVAL_COLUMNS, (float(low[0]), float(high[0]), float(low[1]), float(high[1]),
+                                           float(low[2]), float(high[2]))))
+
+
+def bootstrap_intervals(masks, maps, labels, scores, n_resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, float]:
+    """95% percentile bootstrap intervals (resampled by image, seeded) of the three metrics."""
+    return ImageBootstrap(masks, maps, labels, scores).intervals(n_resamples, seed, level)

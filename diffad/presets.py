@@ -29,6 +29,9 @@ class Preset:
     # data
     image_size: int = 256
     val_fraction: float = 0.1
+    # how images are brought to image_size: "bilinear" (antialiased) or "authors" (PIL box halving
+    # while at least twice the size, then bicubic: center_crop_arr in guided_diffusion/image_datasets.py)
+    image_resize: str = "bilinear"
     # model
     unet: str = "paper"  # a named UNet config of diffad.models
     unet_overrides: dict[str, Any] = field(default_factory=dict)
@@ -53,6 +56,7 @@ class Preset:
     lr_anneal_steps: int = 10_000  # linear decay to 0 over this many steps (0: constant)
     weight_decay: float = 0.0
     ema_rate: float = 0.997
+    ema_warmup: bool = True  # rate min(ema_rate, (1+step)/(10+step)) early on; False: ema_rate from step 0 (authors)
     grad_clip: float | None = 1.0
     max_train_timestep: int | None = None  # sample t below this only (None: all T steps)
     checkpoint_every: int = 1000
@@ -250,6 +254,11 @@ AUTHORS = PAPER.replace(
     precision="fp16",
     # guided_diffusion/image_datasets.py: arr / 127.5 - 1 goes to EfficientNet-b4 as it is
     backbone_normalization=False,
+    # guided_diffusion/train_util.py: the EMA starts as a copy of the weights and averages at
+    # train.sh's 0.997 from the first step, with no warm-up
+    ema_warmup=False,
+    # guided_diffusion/image_datasets.py center_crop_arr: box halving, then bicubic (train and test)
+    image_resize="authors",
     # gaussian_diffusion.py calc_bpd_loop: the feature branch is called with the raw respaced index
     timestep_mode="authors",
     # script_util.py feat_shape=16 (test.sh passes none): decoder features and targets shrunk to 16x16
@@ -266,6 +275,10 @@ AUTHORS = PAPER.replace(
 # Each difference: field, what the paper's text (our ``paper`` preset) does, what the code does, where.
 AUTHORS_DIFFERENCES = (
     ("grad_clip", "clip the gradient norm at 1", "no clipping", "guided_diffusion/fp16_util.py:183 optimize() (no clip_grad_norm)"),
+    ("ema_warmup", "EMA rate warmed up over the first steps", "EMA at its rate from the first step",
+     "guided_diffusion/train_util.py:86 ema_params copied at start, :179 _update_ema() every step"),
+    ("image_resize", "antialiased bilinear resize", "PIL box halving while at least twice the size, then bicubic",
+     "guided_diffusion/image_datasets.py:232 center_crop_arr"),
     ("precision", "bf16 from compute capability 8.0, else fp16", "fp16 with loss scaling", "train.sh --use_fp16 True"),
     ("backbone_normalization", "ImageNet-normalised backbone input", "the [-1, 1] image as it is",
      "guided_diffusion/image_datasets.py:219 arr / 127.5 - 1"),
@@ -282,9 +295,19 @@ AUTHORS_DIFFERENCES = (
      "mvtec_tools/mvtec_evaluate.py:53-154 pro(), thinning at :69"),
 )
 
-# Not (yet) fields, so not in AUTHORS: every training image (no validation split: our image scores and
-# "validation" normalisation need one); the EMA without warm-up; PIL box-halving + bicubic image
-# resizing; lukemelas EfficientNet-b4 with static same-padding for 380 px (timm's b4 pads dynamically).
+# Not fields, so not in AUTHORS (AUTHORS_UNMODELLED says why, for the book): every training image (no
+# validation split); lukemelas EfficientNet-b4 with static same-padding for 380 px (timm's pads dynamically).
+AUTHORS_UNMODELLED = (
+    ("no validation carve-out", "the authors train on every normal training image; diffad holds out "
+     "val_fraction (10%) for its validation statistics and image scores, so `authors` keeps it: 10% fewer "
+     "training images", "scripts/image_train.py:33 load_data(data_dir=...) over the whole train folder"),
+    ("backbone implementation", "lukemelas efficientnet_pytorch b4, static same-padding built for 380 px, "
+     "blocks [1, 5, 9, 21]; diffad uses timm's tf_efficientnet_b4 (same TF weights, padding computed per input)",
+     "guided_diffusion/backbones/__init__.py:54 efficientnet_b4"),
+    ("training rotation", "image_train.py asks for random_rotate=True, but the dataset rotates the PIL image "
+     "after the array was taken, so no rotation reaches training: nothing to model",
+     "guided_diffusion/image_datasets.py:212-215"),
+)
 
 PRESETS: dict[str, Preset] = {"paper": PAPER, "cpu": CPU, "authors": AUTHORS}
 

@@ -158,7 +158,7 @@ def load_training_images(data_root, categories: list[str], preset: Preset) -> tu
     images, labels = [], []
     for index, category in enumerate(categories):
         dataset = MVTecAD(data_root, category, split="train", image_size=preset.image_size,
-                          val_fraction=preset.val_fraction, seed=preset.seed)
+                          val_fraction=preset.val_fraction, seed=preset.seed, image_resize=preset.image_resize)
         x, _, _ = dataset.stack()
         images.append(to_diffusion_range(x))
         labels.append(torch.full((len(x),), index, dtype=torch.long))
@@ -229,9 +229,13 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
         target.lerp_(source.detach().to(target.device), 1.0 - rate)
 
 
-def ema_rate_at(step: int, rate: float) -> float:
-    """EMA warm-up: early on the average follows the weights closely, then settles at ``rate``."""
-    return min(rate, (1.0 + step) / (10.0 + step))
+def ema_rate_at(step: int, rate: float, warmup: bool = True) -> float:
+    """EMA warm-up: early on the average follows the weights closely, then settles at ``rate``.
+
+    Without warm-up (the authors' trainer) the rate is ``rate`` from the first step, so the
+    average keeps the starting weights' share ``rate ** step`` for longer.
+    """
+    return min(rate, (1.0 + step) / (10.0 + step)) if warmup else rate
 
 
 def lr_at(step: int, preset: Preset) -> float:
@@ -719,7 +723,7 @@ class _TrainingRun:
                     model, self.optimizer, self.diffusion, self.next_batch(), lr=lr_at(self.step, preset),
                     feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
                     precision=self.plan.precision, scaler=self.scaler, ema=self.ema,
-                    ema_rate=ema_rate_at(self.step, preset.ema_rate), channels_last=self.plan.channels_last,
+                    ema_rate=ema_rate_at(self.step, preset.ema_rate, preset.ema_warmup), channels_last=self.plan.channels_last,
                     check_finite=not self.ddp)
                 self.step += 1
                 values = self.global_means(losses) if self.ddp else {k: v.item() for k, v in losses.items()}

@@ -19,8 +19,28 @@ def test_authors_preset_names_each_difference():
     assert (authors.timestep_mode, authors.test_feature_grid, authors.kl_standardization) == ("authors", 16, "authors")
     assert (authors.mask_rule, authors.pro_implementation, authors.normalization) == ("authors", "authors", "none")
     assert authors.grad_clip is None and authors.precision == "fp16" and not authors.backbone_normalization
-    # Only two of them change what training learns; the rest are read at scoring time.
-    assert training_differences(paper, authors) == ["backbone_normalization", "grad_clip"]
+    assert not authors.ema_warmup and authors.image_resize == "authors"
+    # Four of them change what training learns; the rest are read at scoring time or on the device.
+    assert sorted(training_differences(paper, authors)) == [
+        "backbone_normalization", "ema_warmup", "grad_clip", "image_resize"]
+
+
+def test_every_difference_is_a_field_the_authors_preset_sets():
+    from diffad.presets import AUTHORS_DIFFERENCES, AUTHORS_UNMODELLED, PAPER, field_names
+
+    authors = get_preset("authors")
+    for name, paper_text, code_text, where in AUTHORS_DIFFERENCES:
+        assert name in field_names() and getattr(authors, name) != getattr(PAPER, name), name
+        assert ":" in where or where.startswith("train.sh"), where  # a file and a line
+    assert all(len(entry) == 3 for entry in AUTHORS_UNMODELLED)
+
+
+def test_ema_without_warmup_is_their_fixed_rate_from_the_first_step():
+    from diffad.train import ema_rate_at
+
+    # guided_diffusion/train_util.py: update_ema(params, master_params, rate=rate) with rate fixed
+    assert [ema_rate_at(step, 0.997, warmup=False) for step in (0, 1, 10_000)] == [0.997] * 3
+    assert ema_rate_at(0, 0.997) == pytest.approx(0.1) and ema_rate_at(10_000, 0.997) == 0.997
 
 
 def test_kl_standardization_is_their_zscore_over_the_whole_map():
@@ -53,6 +73,23 @@ def test_mask_rule_keeps_only_full_pixels_like_their_loader(size):
     np.testing.assert_array_equal(ours, theirs.astype(np.float32))
     nearest = np.asarray(picture.resize((size, size), Image.NEAREST)) > 0
     assert ours.sum() < nearest.sum()  # edges eroded, the thin line gone
+
+
+@pytest.mark.parametrize("size", [64, 100])
+def test_image_resize_is_their_center_crop_arr(tmp_path, size):
+    from diffad.data.mvtec import MVTecAD
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8))
+    (tmp_path / "toy" / "train" / "good").mkdir(parents=True)
+    picture.save(tmp_path / "toy" / "train" / "good" / "000.png")
+    theirs = _center_crop_arr(picture, size).astype(np.float32) / 255.0
+    for rule, same in (("authors", True), ("bilinear", False)):
+        item = MVTecAD(tmp_path, "toy", "train", image_size=size, val_fraction=0.0, image_resize=rule)[0]
+        ours = item["image"].permute(1, 2, 0).numpy()
+        assert np.array_equal(ours, theirs) == same, rule
+    with pytest.raises(ValueError, match="image_resize must be one of"):
+        MVTecAD(tmp_path, "toy", "train", image_resize="lanczos")
 
 
 def test_feature_grid_resizes_the_decoder_map_before_the_head():

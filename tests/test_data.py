@@ -459,3 +459,22 @@ def test_every_defect_kind_has_one_painter():
     from diffad.data.builtin import _PAINTERS, DEFECT_KINDS
 
     assert set(_PAINTERS) == set(DEFECT_KINDS)
+
+
+def test_downsampled_masks_keep_a_thin_crack_in_one_piece():
+    from skimage.draw import line
+
+    from diffad.data.mvtec import downsample_mask
+    from diffad.metrics import label_regions
+
+    crack = np.zeros((256, 256), dtype=bool)
+    crack[line(10, 10, 240, 200)] = True  # one pixel wide, one 8-connected region
+    small = downsample_mask(crack, (64, 64))
+    assert small.dtype == np.float32 and set(np.unique(small)) == {0.0, 1.0}
+    assert label_regions(small > 0)[1] == 1
+    nearest = np.asarray(Image.fromarray(crack.astype(np.uint8) * 255).resize((64, 64), Image.NEAREST)) > 0
+    assert label_regions(nearest)[1] > 3  # what nearest neighbour did: the crack in pieces
+    # a pixel is defect exactly when some part of its 4x4 block is
+    blocks = crack.reshape(64, 4, 64, 4).any(axis=(1, 3))
+    np.testing.assert_array_equal(small > 0, blocks)
+    np.testing.assert_array_equal(downsample_mask(crack, (256, 256)), crack.astype(np.float32))

@@ -16,6 +16,7 @@ from diffad.evaluate import (
     reproduce,
     table1_markdown,
 )
+from diffad.metrics import INTERVAL_COLUMNS
 
 from conftest import TINY_OVERRIDES
 
@@ -36,7 +37,12 @@ def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
     rows = reproduce(tiny_builtin, tmp_path, "cpu", categories=["brick", "nut"], progress=False, **TINY_OVERRIDES)
     with open(tmp_path / "results.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert tuple(table[0].keys()) == RESULT_COLUMNS
+    assert tuple(table[0].keys()) == RESULT_COLUMNS + INTERVAL_COLUMNS
+    for row in read_results_csv(tmp_path / "results.csv"):
+        for metric in RESULT_COLUMNS[2:]:
+            assert row[f"{metric}_lo"] <= row[metric] + 1e-9 and row[metric] <= row[f"{metric}_hi"] + 1e-9
+    with np.load(tmp_path / "brick" / "maps.npz") as saved:
+        assert {"ensemble", "ensemble_scores", "padim_scores"} <= set(saved.files)
     assert {(r["category"], r["method"]) for r in table} == {
         (c, m) for c in ("brick", "nut") for m in METHODS}
     assert (tmp_path / "brick" / "maps.npz").is_file() and (tmp_path / "nut" / "overlays.png").is_file()

@@ -268,3 +268,58 @@ def test_pro_authors_thins_thresholds_on_large_maps():
     gt[:, 20:40, 20:30] = 1
     anom = rng.random((4, 64, 64)) + 0.5 * gt
     assert pro_authors(gt, anom) == pytest.approx(_authors_pro_transcribed(gt, anom), abs=1e-12)
+
+
+def _bootstrap_case(seed: int, decimals: int | None):
+    rng = np.random.default_rng(seed)
+    n = 30
+    masks = np.zeros((n, 24, 24), bool)
+    for i in range(12, n):
+        y, x = rng.integers(2, 18, 2)
+        masks[i, y:y + rng.integers(1, 6), x:x + rng.integers(1, 6)] = True
+        if i % 3 == 0:  # a second region in some images
+            masks[i, 0:2, 20:23] = True
+    maps = rng.normal(size=masks.shape) + 1.5 * masks
+    if decimals is not None:  # many ties
+        maps = np.round(maps, decimals)
+    labels = masks.reshape(n, -1).any(1).astype(int)
+    scores = np.round(maps.reshape(n, -1).max(1), 1)
+    return masks, maps, labels, scores
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, None), (1, 1), (2, 0)])
+def test_bootstrap_weights_equal_the_metrics_of_repeated_images(seed, decimals):
+    from diffad.metrics import ImageBootstrap
+
+    masks, maps, labels, scores = _bootstrap_case(seed, decimals)
+    boot = ImageBootstrap(masks, maps, labels, scores)
+    ones = boot.metrics(np.ones(len(masks)))
+    assert ones == pytest.approx((pixel_auroc(masks, maps), pro(masks, maps), image_auroc(labels, scores)), abs=1e-12)
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        weights = np.bincount(rng.integers(0, len(masks), len(masks)), minlength=len(masks))
+        index = np.repeat(np.arange(len(masks)), weights)
+        expected = (pixel_auroc(masks[index], maps[index]), pro(masks[index], maps[index]),
+                    image_auroc(labels[index], scores[index]))
+        assert boot.metrics(weights) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_intervals_are_seeded_and_hold_the_estimate():
+    from diffad.metrics import INTERVAL_COLUMNS, bootstrap_intervals
+
+    masks, maps, labels, scores = _bootstrap_case(3, None)
+    first = bootstrap_intervals(masks, maps, labels, scores, n_resamples=200, seed=5)
+    assert first == bootstrap_intervals(masks, maps, labels, scores, n_resamples=200, seed=5)
+    assert first != bootstrap_intervals(masks, maps, labels, scores, n_resamples=200, seed=6)
+    assert set(first) == set(INTERVAL_COLUMNS)
+    for metric, value in (("pixel_auroc", pixel_auroc(masks, maps)), ("pro", pro(masks, maps)),
+                          ("image_auroc", image_auroc(labels, scores))):
+        assert first[f"{metric}_lo"] < value < first[f"{metric}_hi"]
+
+
+def test_bootstrap_rejects_mismatched_labels():
+    from diffad.metrics import ImageBootstrap
+
+    masks, maps, labels, scores = _bootstrap_case(0, None)
+    with pytest.raises(ValueError, match="one label and one score per image"):
+        ImageBootstrap(masks, maps, labels[:-1], scores)

@@ -21,7 +21,9 @@ Each item is a dict:
   Resizing uses PIL's bilinear filter, which widens its support when shrinking, i.e. it
   antialiases like ``torchvision.transforms.Resize(antialias=True)``.
 * ``mask``: float32 tensor 1xHxW with values {0, 1}: any nonzero mask pixel (in any channel)
-  is defect; resized with nearest neighbour so it stays binary; all zeros for good images.
+  is defect, and after resizing a pixel is defect when any part of its area is
+  (:func:`downsample_mask`), so a thin crack stays one connected region; all zeros for good
+  images. ``mask_rule="authors"`` reads masks as the authors' code does (:func:`authors_mask`).
 * ``label``: int, 0 good, 1 defective. ``defect_type``: str, ``"good"`` for normal images.
 * ``path``: str, the image file.
 
@@ -119,23 +121,47 @@ def _read_pil(path: Path, what: str) -> Image.Image:
 
 
 MASK_RULES = ("any", "authors")
+IMAGE_RESIZES = ("bilinear", "authors")
+
+
+def authors_resize(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize as the authors' ``center_crop_arr`` (``guided_diffusion/image_datasets.py``) does for
+    square images: halve with a box filter while at least twice the size, then bicubic to ``size``
+    = (height, width)."""
+    height, width = size
+    while min(picture.size) >= 2 * min(height, width):
+        picture = picture.resize(tuple(x // 2 for x in picture.size), resample=Image.Resampling.BOX)
+    return picture.resize((width, height), resample=Image.Resampling.BICUBIC)
+
+
+def downsample_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A boolean mask at ``size`` = (height, width): a pixel is defect when any part of its area is.
+
+    Nearest-neighbour resizing would keep one source pixel in every k x k block, so a crack one
+    pixel wide at 256 px breaks into separate pieces at 64 px, and PRO, which weighs every
+    connected region alike, counts each piece as a defect of its own (chapter 9 measures it).
+    Area coverage (a box filter, then > 0) keeps thin defects connected, at the price of
+    widening their edges by less than one output pixel. (H, W) float32 {0, 1}.
+    """
+    height, width = size
+    if binary.shape == (height, width):
+        return binary.astype(np.float32)
+    coverage = Image.fromarray(binary.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BOX)
+    return (np.asarray(coverage) > 1e-6).astype(np.float32)
 
 
 def authors_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as the authors' code reads it: resized like their images (halved with a
-    box filter while at least twice the size, then bicubic; ``center_crop_arr`` in
-    ``guided_diffusion/image_datasets.py``), and only pixels equal to 255 kept (``(gt / 255).long()``
-    in ``scripts/image_anomaly.py``): edges and thin defects shrink or vanish. (H, W) float32 {0, 1}."""
-    height, width = size
-    picture = mask.convert("L")
-    while min(picture.size) >= 2 * min(height, width):
-        picture = picture.resize(tuple(x // 2 for x in picture.size), resample=Image.Resampling.BOX)
-    picture = picture.resize((width, height), resample=Image.Resampling.BICUBIC)
-    return (np.asarray(picture) == 255).astype(np.float32)
+    """A ground-truth mask as the authors' code reads it: resized like their images
+    (:func:`authors_resize`), and only pixels equal to 255 kept (``(gt / 255).long()`` in
+    ``scripts/image_anomaly.py``): edges and thin defects shrink or vanish. (H, W) float32 {0, 1}."""
+    return (np.asarray(authors_resize(mask.convert("L"), size)) == 255).astype(np.float32)
 
 
-def _image_array(image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
-    """HxWx3 float32 in [0, 1], resized (bilinear, antialiased) to ``size`` = (height, width)."""
+def _image_array(image: Image.Image, size: tuple[int, int] | None, resize: str = "bilinear") -> np.ndarray:
+    """HxWx3 float32 in [0, 1], resized to ``size`` = (height, width): antialiased bilinear, or
+    ``resize="authors"`` (:func:`authors_resize`, on 8-bit RGB as their code reads it)."""
+    if resize == "authors" and size is not None:
+        image = authors_resize(image.convert("RGB"), size)
     target = None if size is None else (size[1], size[0])
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         scale = 1.0 if image.mode == "F" else 65535.0
@@ -161,6 +187,8 @@ class MVTecAD(Dataset):
         image_size: int (square), ``(height, width)``, or None to keep the file's size.
         val_fraction: fraction of the normal training images held out as ``"val"``, in [0, 1).
         seed: seed of the train/val carve-out.
+        mask_rule: ``"any"`` nonzero mask pixel is defect, or ``"authors"`` (:func:`authors_mask`).
+        image_resize: ``"bilinear"`` (antialiased) or ``"authors"`` (:func:`authors_resize`).
     """
 
     def __init__(
@@ -172,6 +200,7 @@ class MVTecAD(Dataset):
         val_fraction: float = 0.1,
         seed: int = 0,
         mask_rule: str = "any",
+        image_resize: str = "bilinear",
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -186,6 +215,9 @@ class MVTecAD(Dataset):
         if mask_rule not in MASK_RULES:
             raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {mask_rule!r}")
         self.mask_rule = mask_rule
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"image_resize must be one of {IMAGE_RESIZES}, got {image_resize!r}")
+        self.image_resize = image_resize
 
         if not self.root.is_dir():
             raise FileNotFoundError(_root_help(self.root))
@@ -288,15 +320,12 @@ class MVTecAD(Dataset):
             return authors_mask(mask_picture, size)
         values = np.asarray(mask_picture)
         binary = (values != 0).any(axis=2) if values.ndim == 3 else values != 0
-        binary_image = Image.fromarray(binary.astype(np.uint8) * 255)
-        if binary_image.size != (size[1], size[0]):
-            binary_image = binary_image.resize((size[1], size[0]), Image.Resampling.NEAREST)
-        return (np.asarray(binary_image) > 127).astype(np.float32)
+        return downsample_mask(binary, size)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         picture = _read_pil(sample.path, "image")
-        image = _image_array(picture, self.image_size)
+        image = _image_array(picture, self.image_size, self.image_resize)
         height, width = image.shape[:2]
         if sample.mask_path is None:
             mask = np.zeros((height, width), dtype=np.float32)
