@@ -15,7 +15,10 @@ normalisation, smoothing, a subset of the scored timesteps). What this module ad
   weights load offline;
 * :func:`comparison_markdown` -- two sets of results side by side with the change (Table 2);
   :func:`sweep_markdown` -- a settings sweep as a table, averaged over categories;
-* :func:`rank_timestep_subsets` -- every subset of the scored timesteps, best first.
+* :func:`rank_timestep_subsets` -- every subset of the scored timesteps, best first;
+* :func:`error_maps`, :func:`error_map_rows` -- KL against RGB errors from one pass: the
+  learned or a fixed variance, squared or absolute error, with and without smoothing;
+* :func:`authors_difference_rows` -- the authors' departures from the paper, one at a time.
 """
 
 from __future__ import annotations
@@ -299,14 +302,48 @@ def authors_difference_rows(model: TrainedModel, data_root, category: str, score
     return rows
 
 
+def authors_training_changes(preset: Preset) -> dict[str, dict]:
+    """The authors' training-time departures as field changes, one at a time (each needs its own
+    trained model). ``precision`` is left out where training runs in fp32 (on a CPU it cannot be
+    fp16, and on a GPU it changes how a step is computed, not what the paper specifies)."""
+    changes = {
+        "grad_clip": {"grad_clip": None},
+        "backbone_normalization": {"backbone_normalization": False},
+        "ema_warmup": {"ema_warmup": False},
+        "image_resize": {"image_resize": "authors"},
+    }
+    return {name: fields for name, fields in changes.items()
+            if any(getattr(preset, k) != v for k, v in fields.items())}
+
+
+def authors_training_rows(load_model, data_root, category: str, scored, base: TrainedModel,
+                          methods=("ensemble", "kl", "feature")) -> list[dict]:
+    """Metric rows of models trained with each of the authors' training changes, beside ``base``.
+
+    ``load_model(preset)`` returns the model of ``category`` trained with ``preset`` (the book
+    reads them from its cache or diffad's shipped variants); ``scored`` as in
+    :func:`authors_difference_rows`. Rows carry ``difference`` ("none" for ``base``).
+    """
+    rows = []
+    variants = {"none": base, **{label: load_model(base.preset.replace(**fields))
+                                 for label, fields in authors_training_changes(base.preset).items()}}
+    for label, model in variants.items():
+        data = CategoryData.load(data_root, category, model.preset)
+        raw_test, raw_val = scored(model, data)
+        found, _, _ = diffusion_rows(data, raw_test, raw_val, model.preset)
+        rows += [dict(row, difference=label) for row in found if row["method"] in methods]
+    return rows
+
+
 def authors_difference_table() -> str:
     """The authors' departures from the paper, with where each is in their code, as markdown."""
-    from diffad.presets import AUTHORS_DIFFERENCES, RUNTIME_FIELDS
+    from diffad.presets import AUTHORS_DIFFERENCES, AUTHORS_UNMODELLED, RUNTIME_FIELDS
 
     def kind(field: str) -> str:
         return "scoring" if field in SCORING_FIELDS else "device" if field in RUNTIME_FIELDS else "training"
 
     body = [[f"`{f}`", kind(f), paper, code, where] for f, paper, code, where in AUTHORS_DIFFERENCES]
+    body += [[what, "not modelled", "", why, where] for what, why, where in AUTHORS_UNMODELLED]
     return markdown_table(["field", "changes", "paper (preset `paper`)", "authors' code (preset `authors`)",
                            "where in VandyLu/anomaly_diff"], body)
 
@@ -316,6 +353,11 @@ __all__ = [
     "authors_difference_rows",
     "authors_difference_table",
     "authors_scoring_changes",
+    "authors_training_changes",
+    "authors_training_rows",
+    "ERROR_MAPS",
+    "error_map_rows",
+    "error_maps",
     "UNIFIED_TRAINING",
     "average_change",
     "backbone_ablation",
@@ -330,3 +372,70 @@ __all__ = [
     "unified_overrides",
     "unified_padim_rows",
 ]
+
+
+# The pixel-level error maps one UNet pass offers, for the KL-versus-RGB ablation (chapter 11).
+ERROR_MAPS = {
+    "kl_learned": "KL, learned variance (the paper's map)",
+    "kl_fixed": "KL, variance fixed at the posterior's beta~",
+    "rgb_squared": "squared RGB error |x0_hat - x0|^2",
+    "rgb_absolute": "absolute RGB error |x0_hat - x0|",
+}
+
+
+@torch.no_grad()
+def error_maps(model: TrainedModel, images: torch.Tensor, category: str | None = None, seed: int = 0,
+               device=None) -> dict[str, torch.Tensor]:
+    """The four ``ERROR_MAPS`` of ``images`` (N, 3, H, W) in [0, 1] at the preset's test timesteps,
+    each (N, K, H, W) averaged over RGB, from the very passes (same noise) :func:`score_raw` makes.
+
+    ``kl_fixed`` reads the same output with the variance channels set to -1, the lower end of
+    the learned range (beta~): the KL of two Gaussians with one variance, a rescaled squared
+    error of the posterior means. All four use the clipped x0_hat.
+    """
+    from diffad.data import to_diffusion_range
+    from diffad.scoring import OnePass, _noise_for
+
+    preset = model.preset
+    diffusion = build_diffusion(preset, preset.timestep_respacing)
+    device = pick_device(device)
+    model.unet.to(device).eval()
+    timesteps = tuple(preset.test_timesteps)
+    n, k = images.shape[0], len(timesteps)
+    out = {name: torch.empty(n, k, *images.shape[-2:]) for name in ERROR_MAPS}
+    for start in range(0, n, preset.score_batch_size):
+        x0 = to_diffusion_range(images[start:start + preset.score_batch_size]).to(device)
+        noise = torch.stack([_noise_for(start + i, seed, x0.shape[1:], k) for i in range(len(x0))], dim=1).to(device)
+        for j, t_index in enumerate(timesteps):
+            one = OnePass(model, diffusion, x0, t_index, noise[j], category, features=False)
+            fixed = one.output.clone()
+            fixed[:, 3:] = -1.0  # v = -1: log variance = log beta~
+            error = one.pred_x0() - x0
+            maps = {"kl_learned": one.kl(), "kl_fixed": diffusion.kl_map(fixed, x0, one.x_t, one.t),
+                    "rgb_squared": error.pow(2), "rgb_absolute": error.abs()}
+            for name, value in maps.items():
+                out[name][start:start + len(x0), j] = value.mean(dim=1).cpu()
+    return out
+
+
+def error_map_rows(model: TrainedModel, data: CategoryData, seed: int = 0, device=None,
+                   sigmas: tuple[float, ...] | None = None) -> list[dict]:
+    """Metric rows of each ``ERROR_MAPS`` map, scored like the preset scores its KL map, with and
+    without smoothing (``sigmas``; default 0 and the preset's): columns ``map`` and ``smoothing``."""
+    from diffad.scoring import RawMaps, final_maps
+
+    preset = model.preset
+    sigmas = tuple(dict.fromkeys((0.0, preset.smoothing_sigma) if sigmas is None else sigmas))
+    category = data.category if model.num_classes else None
+    test = error_maps(model, data.test_images, category, seed, device)
+    val = error_maps(model, data.val_images, category, seed + 1, device)
+    rows = []
+    for name in ERROR_MAPS:
+        for sigma in sigmas:
+            scoring = preset.replace(smoothing_sigma=sigma)
+            as_raw = [RawMaps(preset.test_timesteps, kl=maps[name], rgb=maps[name], feature=maps[name])
+                      for maps in (test, val)]
+            maps, scores = final_maps(*as_raw, scoring, alpha=1.0)
+            row = metric_row(data.category, "kl", data.test_masks, maps["kl"], data.test_labels, scores["kl"])
+            rows.append(dict(row, method=name, map=ERROR_MAPS[name], smoothing=sigma))
+    return rows

@@ -140,3 +140,39 @@ def test_rank_timestep_subsets_tries_every_subset_best_first():
     assert [r["pro"] for r in rows] == sorted((r["pro"] for r in rows), reverse=True)
     with pytest.raises(ValueError, match="max_size"):
         ablations.rank_timestep_subsets(data, test, val, preset, max_size=4)
+
+
+def test_error_maps_come_from_the_passes_score_raw_makes(tiny_model, tiny_data):
+    from diffad.scoring import score_raw
+
+    images = tiny_data[0].test_images[:3]
+    raw = score_raw(tiny_model, images, seed=4)
+    maps = ablations.error_maps(tiny_model, images, seed=4)
+    assert set(maps) == set(ablations.ERROR_MAPS)
+    torch.testing.assert_close(maps["kl_learned"], raw.kl)
+    torch.testing.assert_close(maps["rgb_absolute"], raw.rgb)
+    torch.testing.assert_close(maps["rgb_squared"].sqrt(), maps["rgb_absolute"], atol=0.05, rtol=0.5)  # same error
+    assert not torch.equal(maps["kl_fixed"], maps["kl_learned"])
+    # one variance for both Gaussians: the KL is c_t^2 |x0 - x0_hat|^2 / (2 beta~) in nats, per element;
+    # averaged over RGB the fixed-variance map is a per-timestep multiple of the squared error
+    ratio = maps["kl_fixed"] / maps["rgb_squared"].clamp_min(1e-12)
+    busy = maps["rgb_squared"] > 1e-6
+    for j in range(ratio.shape[1]):
+        values = ratio[:, j][busy[:, j]]
+        assert values.std() / values.mean() < 1e-3
+
+
+def test_error_map_rows_score_each_map_with_and_without_smoothing(tiny_model, tiny_data):
+    rows = ablations.error_map_rows(tiny_model, tiny_data[0], sigmas=(0.0, 1.0))
+    assert [(r["method"], r["smoothing"]) for r in rows] == [
+        (m, s) for m in ablations.ERROR_MAPS for s in (0.0, 1.0)]
+    assert all(0.0 <= r["pro"] <= 1.0 for r in rows)
+
+
+def test_authors_training_changes_skip_what_the_preset_already_does():
+    cpu = get_preset("cpu")
+    assert list(ablations.authors_training_changes(cpu)) == [
+        "grad_clip", "backbone_normalization", "ema_warmup", "image_resize"]
+    assert ablations.authors_training_changes(get_preset("authors")) == {}
+    assert list(ablations.authors_training_changes(cpu.replace(grad_clip=None))) == [
+        "backbone_normalization", "ema_warmup", "image_resize"]

@@ -49,3 +49,14 @@ def test_cpu_preset_trains_the_random_textures_longer():
     assert training_fingerprint(cpu.for_categories("grass")) != training_fingerprint(cpu)
     # scoring fields and the overrides table itself never change the fingerprint
     assert training_fingerprint(cpu.replace(alpha=0.1, category_overrides={})) == training_fingerprint(cpu)
+
+
+def test_every_cpu_departure_from_the_paper_has_a_recorded_reason():
+    from diffad.presets import CPU, CPU_DEPARTURES, PAPER, departures
+
+    rows = departures(CPU, PAPER, CPU_DEPARTURES)
+    assert rows and all(r["why"] and r["kind"] in ("scale", "dev", "follows") for r in rows), \
+        [r["field"] for r in rows if not r["why"]]
+    assert {r["field"] for r in rows} == set(CPU_DEPARTURES)  # no stale reason either
+    changed = departures(CPU.replace(alpha=0.5), CPU)
+    assert [(r["field"], r["reference"], r["preset"], r["why"]) for r in changed] == [("alpha", 0.9, 0.5, "")]
