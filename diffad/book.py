@@ -12,6 +12,7 @@ the book does not retrain them (``python -m diffad train`` reproduces each one; 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -131,6 +132,10 @@ def model_folder(ctx: Context, categories: list[str]) -> Path:
     return ctx.cache / "models" / f"{_run_name(ctx.preset, categories)}-{fingerprint}"
 
 
+class MissingModel(RuntimeError):
+    """No trained model for these settings in the cache or shipped, and training was not allowed."""
+
+
 def trained_model(ctx: Context, categories: str | list[str], progress: bool = True,
                   allow_training: bool = True) -> TrainedModel:
     """The model for one category (or a unified one for several): from the cache, shipped, or trained.
@@ -146,11 +151,23 @@ def trained_model(ctx: Context, categories: str | list[str], progress: bool = Tr
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shipped, folder / MODEL_NAME)
         elif not allow_training:
-            raise RuntimeError(
+            raise MissingModel(
                 f"no trained {ctx.preset.name!r} model for {'+'.join(categories)} in {folder} and none ships "
                 f"with diffad; train it with book.trained_model(ctx, {categories!r}) or `python -m diffad "
                 f"train`, or pick a shipped category: {sorted(shipped_categories(ctx.preset))}")
     return fit(ctx.data_root, categories, folder, ctx.preset, device=ctx.device, progress=progress)
+
+
+def variant_model(ctx: Context, categories: str | list[str], allow_training: bool = False,
+                  **fields) -> TrainedModel | None:
+    """The model of ``categories`` trained with the chapter's preset changed by ``fields`` (another
+    seed, one of the authors' training choices): cached, shipped, or trained when
+    ``allow_training``; None when it is none of these and training is not allowed."""
+    variant = dataclasses.replace(ctx, preset=ctx.preset.replace(**fields))
+    try:
+        return trained_model(variant, categories, progress=False, allow_training=allow_training)
+    except MissingModel:
+        return None
 
 
 def shipped_categories(preset: Preset) -> set[str]:

@@ -71,3 +71,19 @@ def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch
     assert "Google Drive not mounted" in capsys.readouterr().out
     ctx = chapter_runtime.setup("cpu", data_root=tmp_path, cache=tmp_path / "local", drive=True)
     assert ctx.cache == (tmp_path / "local").resolve()
+
+
+def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp_path):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(book, "SHIPPED", shipped)
+    assert book.variant_model(ctx, "brick", grad_clip=None) is None  # neither cached nor shipped
+    trained = book.variant_model(ctx, "brick", allow_training=True, grad_clip=None)
+    assert trained.preset.grad_clip is None
+    # shipped under any name after the run's: found by the fields it records, not by its name
+    trained.save(shipped / f"{ctx.preset.name}-brick-anything.pt")
+    other = book.Context(ctx.preset, ctx.device, ctx.data_root, ctx.categories, tmp_path / "fresh-cache")
+    found = book.variant_model(other, "brick", grad_clip=None)
+    assert found is not None and found.preset.grad_clip is None
+    assert book.shipped_checkpoint(ctx.preset, ["brick"]) is None  # the preset's own model is not shipped
+    assert book.variant_model(other, "brick", grad_clip=0.5) is None
