@@ -32,7 +32,7 @@ import torch
 from diffad.backbones import FeatureExtractor, available_offline, default_layers
 from diffad.baselines import PaDiM
 from diffad.evaluate import METRIC_LABELS, CategoryData, diffusion_rows, metric_row
-from diffad.presets import SCORING_FIELDS, Preset
+from diffad.presets import SCORING_FIELDS, Preset, get_preset
 from diffad.tables import markdown_table
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, pick_device
 
@@ -55,6 +55,15 @@ def unified_overrides(preset: str | Preset) -> dict:
     if name not in UNIFIED_TRAINING:
         raise ValueError(f"no unified-model settings for preset {name!r}; known: {sorted(UNIFIED_TRAINING)}")
     return dict(UNIFIED_TRAINING[name])
+
+
+def matched_unified_overrides(preset: str | Preset, categories: list[str]) -> dict:
+    """Overrides for a unified model of ``categories`` trained with as many steps as their
+    single-category models together (each category's own steps, ``for_categories``): the
+    compute-matched counterpart of :func:`unified_overrides`."""
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    steps = sum(preset.for_categories(c).train_steps for c in categories)
+    return {"class_cond": True, "train_steps": steps, "lr_anneal_steps": steps}
 
 
 def rescored(model: TrainedModel, **scoring_fields) -> TrainedModel:
@@ -320,13 +329,17 @@ def authors_training_rows(load_model, data_root, category: str, scored, base: Tr
                           methods=("ensemble", "kl", "feature")) -> list[dict]:
     """Metric rows of models trained with each of the authors' training changes, beside ``base``.
 
-    ``load_model(preset)`` returns the model of ``category`` trained with ``preset`` (the book
-    reads them from its cache or diffad's shipped variants); ``scored`` as in
+    ``load_model(**fields)`` returns the model of ``category`` trained with ``base``'s preset
+    changed by ``fields``, or None when there is none (the book reads them from its cache or
+    diffad's shipped variants; a change without a model has no rows); ``scored`` as in
     :func:`authors_difference_rows`. Rows carry ``difference`` ("none" for ``base``).
     """
+    variants = {"none": base}
+    for label, fields in authors_training_changes(base.preset).items():
+        model = load_model(**fields)
+        if model is not None:
+            variants[label] = model
     rows = []
-    variants = {"none": base, **{label: load_model(base.preset.replace(**fields))
-                                 for label, fields in authors_training_changes(base.preset).items()}}
     for label, model in variants.items():
         data = CategoryData.load(data_root, category, model.preset)
         raw_test, raw_val = scored(model, data)
@@ -370,6 +383,7 @@ __all__ = [
     "sweep_markdown",
     "timestep_ranges",
     "unified_overrides",
+    "matched_unified_overrides",
     "unified_padim_rows",
 ]
 

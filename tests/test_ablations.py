@@ -176,3 +176,31 @@ def test_authors_training_changes_skip_what_the_preset_already_does():
     assert ablations.authors_training_changes(get_preset("authors")) == {}
     assert list(ablations.authors_training_changes(cpu.replace(grad_clip=None))) == [
         "backbone_normalization", "ema_warmup", "image_resize"]
+
+
+def test_authors_training_rows_score_each_variant_beside_the_base(tiny_model, tiny_builtin):
+    asked = []
+
+    def load_model(**fields):  # only the clipping variant "exists": the same weights stand in for it
+        asked.append(fields)
+        return ablations.rescored(tiny_model) if "grad_clip" in fields else None
+
+    scored_with = []
+
+    def scored(model, data):
+        scored_with.append(model.preset.grad_clip)
+        from diffad.evaluate import score_category
+        return score_category(model, data)
+
+    rows = ablations.authors_training_rows(load_model, tiny_builtin, "brick", scored, tiny_model,
+                                           methods=("kl",))
+    assert asked == list(ablations.authors_training_changes(tiny_model.preset).values())
+    assert [r["difference"] for r in rows] == ["none", "grad_clip"] and len(scored_with) == 2
+
+
+def test_matched_unified_model_trains_each_category_as_long_as_its_own_model():
+    cpu = get_preset("cpu")
+    assert ablations.matched_unified_overrides(cpu, ["brick", "capsule", "nut"]) == {
+        "class_cond": True, "train_steps": 600, "lr_anneal_steps": 600}
+    both = ablations.matched_unified_overrides("cpu", ["brick", "grass"])  # grass trains 600 alone
+    assert both["train_steps"] == 800
