@@ -481,6 +481,65 @@ def results_markdown(rows: list[dict], methods: tuple[str, ...] | None = None,
                           [f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent, computed by diffad."])
 
 
+def interval_markdown(rows: list[dict], methods: tuple[str, ...],
+                      metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> str:
+    """Per category, each method's metrics with their 95% bootstrap intervals (percent):
+    ``98.2 [97.5, 98.9]``. Rows must carry INTERVAL_COLUMNS (``reproduce`` records them)."""
+    lacking = [r["method"] for r in rows if r["method"] in methods and f"{metrics[0]}_lo" not in r]
+    if lacking:
+        raise ValueError(f"rows of {sorted(set(lacking))} have no intervals; evaluate with intervals > 0")
+    by_category: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row["method"] in methods:
+            by_category.setdefault(row["category"], {})[row["method"]] = row
+    body = []
+    for category, by_method in by_category.items():
+        for metric in metrics:
+            body.append([category, METRIC_LABELS[metric]] + [
+                f"{100 * r[metric]:.1f} [{100 * r[metric + '_lo']:.1f}, {100 * r[metric + '_hi']:.1f}]"
+                if (r := by_method.get(m)) else "–" for m in methods])
+    return markdown_table(["category", "metric"] + list(methods), body,
+                          ["In percent, with 95% bootstrap intervals over the test images (resampled by image, "
+                           f"{BOOTSTRAP_RESAMPLES} seeded resamples)."])
+
+
+def compare_saved(folder: str | Path, first: str, second: str, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                  seed: int = 0) -> dict[str, dict[str, float]]:
+    """:func:`difference_interval` of two methods from the maps and scores ``reproduce`` saved in a
+    category's folder (``maps.npz``): first - second per metric, with a paired interval."""
+    with np.load(Path(folder) / "maps.npz") as saved:
+        missing = [k for m in (first, second) for k in (m, f"{m}_scores") if k not in saved.files]
+        if missing:
+            raise ValueError(f"{folder}/maps.npz lacks {missing}; rerun reproduce with this diffad")
+        return difference_interval(saved["masks"], saved["labels"], (saved[first], saved[f"{first}_scores"]),
+                                   (saved[second], saved[f"{second}_scores"]), n_resamples, seed)
+
+
+def spread_markdown(rows: list[dict], by: str = "seed", methods: tuple[str, ...] = ("ensemble",),
+                    metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> str:
+    """Per category and method, each metric's mean and range over the values of ``by`` (training
+    seeds, say), with the mean width of the rows' 95% bootstrap intervals beside it when present."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["method"] in methods:
+            groups.setdefault((row["category"], row["method"]), []).append(row)
+    body = []
+    for (category, method), group in groups.items():
+        values = sorted({r[by] for r in group})
+        cells = []
+        for metric in metrics:
+            v = np.array([r[metric] for r in group]) * 100
+            cell = f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})"
+            if all(f"{metric}_lo" in r for r in group):
+                width = np.mean([r[f"{metric}_hi"] - r[f"{metric}_lo"] for r in group]) * 100
+                cell += f", interval {width:.1f}"
+            cells.append(cell)
+        body.append([category, method, ", ".join(str(v) for v in values)] + cells)
+    return markdown_table(["category", "method", by] + [METRIC_LABELS[m] for m in metrics], body,
+                          [f"Mean (lowest-highest) over the {by}s, in percent; 'interval': the mean width of "
+                           "the 95% bootstrap interval over test images."])
+
+
 def paper_table1_markdown(paper: dict | None = None) -> str:
     """The paper's Table 1 as it is published: (pixel AUROC, PRO) per method and category, quoted."""
     paper = read_paper_table1() if paper is None else paper

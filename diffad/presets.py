@@ -276,6 +276,16 @@ CPU_DEPARTURES: dict[str, tuple[str, str]] = {
 }
 
 
+PAPER_SCORING_FIELDS = ("alpha", "normalization", "image_normalization", "smoothing_sigma", "top_k")
+
+
+def with_paper_scoring(preset: "Preset") -> "Preset":
+    """``preset`` scored as the paper scores: its alpha, per-image z-scores for the maps and the
+    image score, no smoothing, its top-k (``PAPER_SCORING_FIELDS``). The timesteps stay the
+    preset's: a model trained on other steps has nothing to say at the paper's."""
+    return preset.replace(**{name: getattr(PAPER, name) for name in PAPER_SCORING_FIELDS})
+
+
 def departures(preset: "Preset", reference: "Preset", reasons: dict[str, tuple[str, str]] | None = None
                ) -> list[dict[str, Any]]:
     """Every field where ``preset`` differs from ``reference``, with the recorded reason: rows of

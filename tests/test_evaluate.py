@@ -217,3 +217,66 @@ def test_paper_pattern_compares_leaders():
     assert [r["agrees"] for r in paper_pattern(flipped, paper=paper)] == [False, False]
     with pytest.raises(ValueError, match="padim"):
         paper_pattern(same[:1], paper=paper)
+
+
+def _toy_maps(seed: int, strength: float):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((20, 16, 16), dtype=bool)
+    for i in range(8, 20):
+        masks[i, 4:8, 5:9] = True
+    maps = rng.normal(size=masks.shape) + strength * masks
+    return masks, maps, masks.reshape(20, -1).any(1).astype(int), maps.reshape(20, -1).max(1)
+
+
+def test_difference_interval_calls_identical_methods_a_tie_and_a_clear_gap_not():
+    from diffad.evaluate import difference_interval
+
+    masks, good, labels, good_scores = _toy_maps(0, 3.0)
+    same = difference_interval(masks, labels, (good, good_scores), (good, good_scores), n_resamples=200)
+    assert all(v["difference"] == 0 and v["tie"] for v in same.values())
+    _, weak, _, weak_scores = _toy_maps(1, 0.3)
+    gap = difference_interval(masks, labels, (good, good_scores), (weak, weak_scores), n_resamples=200)
+    assert gap["pixel_auroc"]["difference"] > 0 and not gap["pixel_auroc"]["tie"]
+    assert gap["pixel_auroc"]["lo"] <= gap["pixel_auroc"]["difference"] <= gap["pixel_auroc"]["hi"]
+
+
+def test_interval_markdown_shows_each_metric_with_its_interval():
+    from diffad.evaluate import interval_markdown, metric_row
+
+    masks, maps, labels, scores = _toy_maps(2, 1.0)
+    row = metric_row("toy", "kl", masks, maps, labels, scores, intervals=100)
+    text = interval_markdown([row], ("kl",))
+    assert f"{100 * row['pro']:.1f} [{100 * row['pro_lo']:.1f}, {100 * row['pro_hi']:.1f}]" in text
+    with pytest.raises(ValueError, match="no intervals"):
+        interval_markdown([metric_row("toy", "kl", masks, maps, labels, scores)], ("kl",))
+
+
+def test_paper_scoring_keeps_the_timesteps_and_takes_the_papers_scoring():
+    from diffad.presets import PAPER, get_preset, with_paper_scoring
+
+    cpu = get_preset("cpu")
+    scored = with_paper_scoring(cpu)
+    assert (scored.alpha, scored.smoothing_sigma, scored.top_k, scored.image_normalization) == (
+        PAPER.alpha, 0.0, PAPER.top_k, None)
+    assert scored.test_timesteps == cpu.test_timesteps and scored.train_steps == cpu.train_steps
+
+
+def test_spread_markdown_gives_mean_and_range_over_seeds():
+    from diffad.evaluate import spread_markdown
+
+    rows = [{"category": "brick", "method": "ensemble", "seed": s, "pixel_auroc": v, "pro": v, "image_auroc": v}
+            for s, v in ((0, 0.90), (1, 0.94), (2, 0.92))]
+    text = spread_markdown(rows)
+    assert "| brick | ensemble | 0, 1, 2 | 92.0 (90.0-94.0) |" in text and "interval" not in text.split("\n")[2]
+
+
+def test_compare_saved_reads_what_reproduce_saved(tmp_path):
+    from diffad.evaluate import compare_saved
+
+    masks, maps, labels, scores = _toy_maps(3, 2.0)
+    np.savez(tmp_path / "maps.npz", masks=masks, labels=labels, kl=maps, kl_scores=scores,
+             padim=maps[::-1].copy(), padim_scores=scores[::-1].copy())
+    result = compare_saved(tmp_path, "kl", "kl", n_resamples=50)
+    assert result["pro"]["difference"] == 0 and result["pro"]["tie"]
+    with pytest.raises(ValueError, match="lacks"):
+        compare_saved(tmp_path, "kl", "spade", n_resamples=10)
