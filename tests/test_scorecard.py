@@ -1,0 +1,52 @@
+"""The scorecard's verdicts follow from the numbers by their stated rules."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from diffad import scorecard
+
+
+def _diff(value, tie=False):
+    return {"difference": value, "lo": value - 0.01, "hi": value + 0.01, "tie": tie}
+
+
+def test_paired_claim_rules():
+    ahead = {"a": {"pixel_auroc": _diff(0.02), "pro": _diff(0.0, tie=True)}}
+    assert scorecard.paired_claim("x", "y", ahead, "ch").verdict == "replicated"
+    ties = {"a": {"pixel_auroc": _diff(0.0, True), "pro": _diff(0.001, True)}}
+    assert scorecard.paired_claim("x", "y", ties, "ch").verdict == "partly"
+    behind = {"a": {"pixel_auroc": _diff(-0.02), "pro": _diff(-0.03)}, "b": {"pixel_auroc": _diff(0.01),
+                                                                             "pro": _diff(0.0, True)}}
+    claim = scorecard.paired_claim("x", "y", behind, "ch")
+    assert claim.verdict == "not replicated" and "ahead 1, behind 2, tie 1" in claim.measured
+
+
+def test_alpha_claim_compares_the_mix_with_the_better_branch():
+    sweep = {a: {"pixel_auroc": 0.9, "pro": 0.8, "image_auroc": 0.9} for a in (0.0, 0.5, 1.0)}
+    sweep[0.5] = {"pixel_auroc": 0.95, "pro": 0.8, "image_auroc": 0.85}
+    claim = scorecard.alpha_claim(sweep)
+    assert claim.verdict == "partly" and "pixel AUROC: 0.5 minus the better branch +5.0" in claim.measured
+
+
+def test_noise_hides_claim_needs_falling_contrast_and_a_ratio_above_one():
+    good = SimpleNamespace(timesteps=(5, 50), contrast=[4.0, 1.0], error_ratio=[1.5, 1.1])
+    flat = SimpleNamespace(timesteps=(5, 50), contrast=[4.0, 4.5], error_ratio=[0.9, 0.8])
+    assert scorecard.noise_hides_claim({"scratch": good}).verdict == "replicated"
+    assert scorecard.noise_hides_claim({"scratch": good, "stain": flat}).verdict == "partly"
+
+
+def test_unified_claim_prefers_the_compute_matched_model():
+    confounded = scorecard.unified_claim({"ensemble": -0.09, "padim": 0.02}, None)
+    assert confounded.verdict == "not replicated"
+    fair = scorecard.unified_claim({"ensemble": -0.09, "padim": -0.06}, -0.005)
+    assert fair.verdict == "replicated" and "compute-matched diffusion model -0.5" in fair.measured
+
+
+def test_claims_refuse_unknown_verdicts_and_render():
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        scorecard.Claim("a", "b", "c", "maybe", "d")
+    claim = scorecard.untested_claim("Backbone", "EfficientNet best", "needs hub weights", "chapter 11")
+    assert "**not tested**" in scorecard.scorecard_markdown([claim])
+    denoise = scorecard.denoise_claim(10.0, 6.0, 0.05, 0.01)
+    assert denoise.verdict == "replicated"
