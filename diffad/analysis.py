@@ -13,6 +13,8 @@
   reconstruction changed the defect against the normal parts).
 * :func:`defect_type_metrics` -- pixel AUROC (or PRO) of several maps per defect type.
 * :func:`largest_defect` -- the test image of a defect type with the largest defect (for figures).
+* :func:`mask_fragments` -- how many regions a defect becomes when its mask is downsampled, by
+  nearest neighbour and by area (what PRO counts at the evaluation resolution).
 """
 
 from __future__ import annotations
@@ -291,3 +293,35 @@ def defect_type_metrics(data, maps: dict, metric: str = "pixel_auroc") -> list[d
 
 
 markdown_table = records_markdown  # the chapters' name for it
+
+
+def mask_fragments(data_root, category: str, size: int) -> list[dict]:
+    """How many 8-connected regions each defect becomes when its mask is brought to ``size``.
+
+    For every defective test image of ``category`` (masks read at their file's resolution): the
+    regions at full size, after nearest-neighbour resizing (which keeps one source pixel per
+    block, so a thin crack falls apart) and after area downsampling
+    (:func:`diffad.data.mvtec.downsample_mask`, diffad's rule). One row per defect type: the mean
+    number of regions per image under each rule. PRO weighs every region alike, so fragments
+    count as extra defects.
+    """
+    from PIL import Image
+
+    from diffad.data import MVTecAD
+    from diffad.data.mvtec import downsample_mask
+    from diffad.metrics import label_regions
+
+    full = MVTecAD(data_root, category, split="test", image_size=None)
+    counts: dict[str, list[tuple[int, int, int]]] = {}
+    for sample in full.samples:
+        if sample.mask_path is None:
+            continue
+        mask = np.asarray(Image.open(sample.mask_path).convert("L")) > 0
+        nearest = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
+        area = downsample_mask(mask, (size, size)) > 0
+        counts.setdefault(sample.defect_type, []).append(
+            tuple(label_regions(m)[1] for m in (mask, nearest, area)))
+    return [{"defect_type": kind, "images": len(values),
+             **{rule: float(np.mean([v[i] for v in values]))
+                for i, rule in enumerate(("full size", "nearest", "area (diffad)"))}}
+            for kind, values in counts.items()]

@@ -230,3 +230,23 @@ def test_largest_defect_picks_the_biggest_mask_of_the_kind():
         analysis.largest_defect(data, "hole")
     with pytest.raises(ValueError, match="no test image of defect type 'good'"):
         analysis.largest_defect(data, "good")
+
+
+def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
+    from PIL import Image
+    from skimage.draw import line
+
+    from diffad.analysis import mask_fragments
+
+    root = tmp_path / "toy"
+    for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (root / folder).mkdir(parents=True)
+    image = Image.fromarray(np.full((128, 128, 3), 128, dtype=np.uint8))
+    for folder in ("train/good", "test/good", "test/crack"):
+        image.save(root / folder / "000.png")
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[line(5, 5, 120, 100)] = 255
+    Image.fromarray(mask).save(root / "ground_truth/crack/000_mask.png")
+    (row,) = mask_fragments(tmp_path, "toy", 32)
+    assert row["defect_type"] == "crack" and row["images"] == 1
+    assert row["full size"] == 1 and row["area (diffad)"] == 1 and row["nearest"] > 1
