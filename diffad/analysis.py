@@ -295,33 +295,51 @@ def defect_type_metrics(data, maps: dict, metric: str = "pixel_auroc") -> list[d
 markdown_table = records_markdown  # the chapters' name for it
 
 
-def mask_fragments(data_root, category: str, size: int) -> list[dict]:
-    """How many 8-connected regions each defect becomes when its mask is brought to ``size``.
+MASK_DOWNSAMPLING = ("full size", "nearest", "area (diffad)")
 
-    For every defective test image of ``category`` (masks read at their file's resolution): the
-    regions at full size, after nearest-neighbour resizing (which keeps one source pixel per
-    block, so a thin crack falls apart) and after area downsampling
-    (:func:`diffad.data.mvtec.downsample_mask`, diffad's rule). One row per defect type: the mean
-    number of regions per image under each rule. PRO weighs every region alike, so fragments
-    count as extra defects.
-    """
+
+def masks_by_rule(data_root, category: str, size: int) -> dict[str, list[np.ndarray]]:
+    """Every test mask of ``category`` (good images: all zero), in test-split order, at its file's
+    size and at ``size`` by nearest neighbour and by area (:func:`diffad.data.mvtec.downsample_mask`,
+    diffad's rule): rule (``MASK_DOWNSAMPLING``) -> list of boolean masks."""
     from PIL import Image
 
     from diffad.data import MVTecAD
     from diffad.data.mvtec import downsample_mask
-    from diffad.metrics import label_regions
 
     full = MVTecAD(data_root, category, split="test", image_size=None)
-    counts: dict[str, list[tuple[int, int, int]]] = {}
+    out: dict[str, list[np.ndarray]] = {rule: [] for rule in MASK_DOWNSAMPLING}
     for sample in full.samples:
         if sample.mask_path is None:
-            continue
-        mask = np.asarray(Image.open(sample.mask_path).convert("L")) > 0
-        nearest = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 0
-        area = downsample_mask(mask, (size, size)) > 0
-        counts.setdefault(sample.defect_type, []).append(
-            tuple(label_regions(m)[1] for m in (mask, nearest, area)))
+            width, height = Image.open(sample.path).size
+            mask = np.zeros((height, width), dtype=bool)
+        else:
+            mask = np.asarray(Image.open(sample.mask_path).convert("L")) > 0
+        nearest = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
+        out["full size"].append(mask)
+        out["nearest"].append(np.asarray(nearest) > 0)
+        out["area (diffad)"].append(downsample_mask(mask, (size, size)) > 0)
+    return out
+
+
+def mask_fragments(data_root, category: str, size: int) -> list[dict]:
+    """How many 8-connected regions each defect becomes when its mask is brought to ``size``.
+
+    For every defective test image of ``category``: the regions at the file's size, after
+    nearest-neighbour resizing (which keeps one source pixel per block, so a thin crack falls
+    apart) and after area downsampling (diffad's rule). One row per defect type: the mean number
+    of regions per image under each rule. PRO weighs every region alike, so fragments count as
+    extra defects.
+    """
+    from diffad.data import MVTecAD
+    from diffad.metrics import label_regions
+
+    kinds = [s.defect_type for s in MVTecAD(data_root, category, split="test", image_size=None).samples]
+    masks = masks_by_rule(data_root, category, size)
+    counts: dict[str, list[list[int]]] = {}
+    for i, kind in enumerate(kinds):
+        if kind != "good":
+            counts.setdefault(kind, []).append([label_regions(masks[rule][i])[1] for rule in MASK_DOWNSAMPLING])
     return [{"defect_type": kind, "images": len(values),
-             **{rule: float(np.mean([v[i] for v in values]))
-                for i, rule in enumerate(("full size", "nearest", "area (diffad)"))}}
+             **{rule: float(np.mean([v[j] for v in values])) for j, rule in enumerate(MASK_DOWNSAMPLING)}}
             for kind, values in counts.items()]
