@@ -336,8 +336,8 @@ class ImageBootstrap:
     """
 
     def __init__(self, masks, maps, labels, scores, fpr_limit: float = 0.3):
-        masks_2d, maps = _prepare_maps(masks, maps)
-        masks = masks_2d
+        masks, maps = _prepare_maps(masks, maps)
+        regions = _region_labels(masks)
         n = self.n_images = len(masks)
         self.fpr_limit = fpr_limit
         labels = _as_numpy(labels, "labels").ravel() != 0
@@ -354,7 +354,7 @@ class ImageBootstrap:
         normal_by_image = [np.sort(flat[i][~masks[i]]) for i in range(n)]
         owner = np.repeat(np.arange(n), masks.shape[1]).reshape(n, -1)
         self.pixel_pairs = _pair_counts(flat[masks], owner[masks], normal_by_image, n)
-        self._pro_setup(_region_labels(masks_2d), flat, owner, normal_by_image)
+        self._pro_setup(regions, flat, owner, normal_by_image)
 
     def _pro_setup(self, region_labels, flat, owner, normal_by_image) -> None:
         from scipy import sparse
