@@ -313,14 +313,20 @@ def authors_difference_rows(model: TrainedModel, data_root, category: str, score
 
 def authors_training_changes(preset: Preset) -> dict[str, dict]:
     """The authors' training-time departures as field changes, one at a time (each needs its own
-    trained model). ``precision`` is left out where training runs in fp32 (on a CPU it cannot be
-    fp16, and on a GPU it changes how a step is computed, not what the paper specifies)."""
+    trained model). ``precision`` is left out (on a CPU it cannot be fp16; on a GPU it changes how
+    a step is computed, not what it learns), and so is ``backbone_normalization`` for a backbone
+    whose own normalisation maps [0, 1] to [-1, 1] (:func:`diffad.backbones.expects_diffusion_range`:
+    EfficientNet-Lite), where both give the backbone the same input."""
+    from diffad.backbones import expects_diffusion_range
+
     changes = {
         "grad_clip": {"grad_clip": None},
         "backbone_normalization": {"backbone_normalization": False},
         "ema_warmup": {"ema_warmup": False},
         "image_resize": {"image_resize": "authors"},
     }
+    if expects_diffusion_range(preset.backbone):
+        del changes["backbone_normalization"]
     return {name: fields for name, fields in changes.items()
             if any(getattr(preset, k) != v for k, v in fields.items())}
 

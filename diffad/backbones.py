@@ -128,6 +128,15 @@ def available_offline() -> list[str]:
     return [arch for arch in _OFFLINE_WHEELS if _offline_wheel_file(arch) is not None]
 
 
+def expects_diffusion_range(name: str) -> bool:
+    """Whether the backbone's own input normalisation (timm's pretrained mean and std) is mean 0.5,
+    std 0.5, which maps a [0, 1] image to exactly [-1, 1]: then normalising a [-1, 1] image and
+    feeding it as it is (the authors' ``backbone_normalization=False``) give the same input. True
+    for the TF-ported EfficientNet-Lite weights, False for ImageNet statistics (EfficientNet-b4)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg is not None and tuple(cfg.mean) == (0.5,) * 3 and tuple(cfg.std) == (0.5,) * 3
+
+
 def backbone_info(name: str) -> list[dict]:
     """Stages of a timm backbone: ``[{'index', 'channels', 'stride', 'module'}, ...]``.
 

@@ -171,11 +171,23 @@ def test_error_map_rows_score_each_map_with_and_without_smoothing(tiny_model, ti
 
 def test_authors_training_changes_skip_what_the_preset_already_does():
     cpu = get_preset("cpu")
-    assert list(ablations.authors_training_changes(cpu)) == [
+    # EfficientNet-Lite's own normalisation (mean 0.5, std 0.5) already maps [0, 1] to [-1, 1]
+    assert list(ablations.authors_training_changes(cpu)) == ["grad_clip", "ema_warmup", "image_resize"]
+    b4 = cpu.replace(backbone="tf_efficientnet_b4.aa_in1k")
+    assert list(ablations.authors_training_changes(b4)) == [
         "grad_clip", "backbone_normalization", "ema_warmup", "image_resize"]
     assert ablations.authors_training_changes(get_preset("authors")) == {}
-    assert list(ablations.authors_training_changes(cpu.replace(grad_clip=None))) == [
-        "backbone_normalization", "ema_warmup", "image_resize"]
+    assert list(ablations.authors_training_changes(cpu.replace(grad_clip=None))) == ["ema_warmup", "image_resize"]
+
+
+def test_unnormalised_input_is_the_lite_backbones_own_normalisation():
+    from diffad.backbones import FeatureExtractor, expects_diffusion_range
+
+    assert expects_diffusion_range("tf_efficientnet_lite0") and not expects_diffusion_range("tf_efficientnet_b4")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ours = FeatureExtractor("tf_efficientnet_lite0", pretrained=False)
+    theirs = FeatureExtractor("tf_efficientnet_lite0", pretrained=False, imagenet_normalize=False)
+    torch.testing.assert_close(ours.normalize(images), theirs.normalize(images))
 
 
 def test_authors_training_rows_score_each_variant_beside_the_base(tiny_model, tiny_builtin):
