@@ -303,7 +303,7 @@ def departures(preset: "Preset", reference: "Preset", reasons: dict[str, tuple[s
 
 
 # What the authors' released code (VandyLu/anomaly_diff) does where it departs from the paper's text,
-# each a field of its own so that the book can switch them one at a time (chapter 11):
+# each a field of its own so that the book can switch them one at a time (chapter 13):
 AUTHORS = PAPER.replace(
     name="authors",
     # scripts/image_train.py via train_util.py: guided-diffusion's trainer, no gradient clipping
