@@ -257,7 +257,7 @@ CPU_DEPARTURES: dict[str, tuple[str, str]] = {
     "backbone_input_size": ("dev", "the backbone reads the 64 px image at 128 px: a 16x16 feature grid"),
     "standardize_features": ("dev", "raw features made the feature loss ~20x the diffusion loss; the head learned little"),
     "batch_size": ("scale", "batch 16 of 64 px images, for fewer and less noisy steps on a CPU"),
-    "train_steps": ("dev", "200 steps (about 4.5 min per category; grass and gravel 600, see category_overrides)"),
+    "train_steps": ("dev", "200 steps (about 4.5 minutes per category; grass and gravel 600, see category_overrides)"),
     "lr": ("scale", "1e-3: a larger rate for a schedule 50x shorter, trained from scratch"),
     "lr_anneal_steps": ("follows", "annealed over the whole (short) schedule, as the paper does"),
     "ema_rate": ("follows", "0.99 for 200 steps: 0.997 would average over more steps than the run has"),
