@@ -301,12 +301,19 @@ def authors_difference_rows(model: TrainedModel, data_root, category: str, score
     ``scored(model, data) -> (raw_test, raw_val)`` scores (and may cache) a model's raw maps; masks
     are reloaded where the mask rule changes. Each row carries ``difference`` ("none" for the preset).
     """
+    variants = {label: rescored(model, **fields)
+                for label, fields in {"none": {}, **authors_scoring_changes(model.preset)}.items()}
+    return _rows_by_difference(variants, data_root, category, scored, methods)
+
+
+def _rows_by_difference(variants: dict, data_root, category: str, scored, methods) -> list[dict]:
+    """Metric rows of each model of ``variants`` (label -> model), each read with its own preset's
+    data and scoring, tagged ``difference=label``."""
     rows = []
-    for label, fields in {"none": {}, **authors_scoring_changes(model.preset)}.items():
-        variant = rescored(model, **fields)
-        data = CategoryData.load(data_root, category, variant.preset)
-        raw_test, raw_val = scored(variant, data)
-        found, _, _ = diffusion_rows(data, raw_test, raw_val, variant.preset)
+    for label, model in variants.items():
+        data = CategoryData.load(data_root, category, model.preset)
+        raw_test, raw_val = scored(model, data)
+        found, _, _ = diffusion_rows(data, raw_test, raw_val, model.preset)
         rows += [dict(row, difference=label) for row in found if row["method"] in methods]
     return rows
 
@@ -345,13 +352,7 @@ def authors_training_rows(load_model, data_root, category: str, scored, base: Tr
         model = load_model(**fields)
         if model is not None:
             variants[label] = model
-    rows = []
-    for label, model in variants.items():
-        data = CategoryData.load(data_root, category, model.preset)
-        raw_test, raw_val = scored(model, data)
-        found, _, _ = diffusion_rows(data, raw_test, raw_val, model.preset)
-        rows += [dict(row, difference=label) for row in found if row["method"] in methods]
-    return rows
+    return _rows_by_difference(variants, data_root, category, scored, methods)
 
 
 def authors_difference_table() -> str:
