@@ -26,7 +26,15 @@ from diffad.models import (
 )
 from diffad.models.unet import GroupNorm32, QKVAttention, QKVAttentionLegacy
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run faster on one thread; restored afterwards, since a module-level call would
+    leave every later test of the session (retraining included) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny(**overrides) -> UNetModel:
