@@ -1,6 +1,7 @@
 """Command line: ``python -m diffad train | evaluate | reproduce | plan | builtin``.
 
     python -m diffad builtin data/builtin
+    python -m diffad builtin data/crosscheck --crosscheck
     python -m diffad plan --preset paper --gpu-memory 15 --compute-capability 7.5
     python -m diffad train --data-root data/builtin --category brick --out runs/brick
     python -m diffad evaluate --data-root data/builtin --category brick --model runs/brick
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--crosscheck", action="store_true",
+                   help="the cross-check test set instead: the same training images, new normal test images "
+                        "and defects from a second, independent painter (diffad.data.crosscheck; seed default 2)")
 
     p = sub.add_parser("plan", help="how training would run on a GPU (this one, or one described): precision, "
                                      "gradient checkpointing, EMA, estimated peak memory and time")
@@ -96,9 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "builtin":
-        from diffad.data import make_builtin_dataset
+        from diffad.data import make_builtin_dataset, make_crosscheck_dataset
 
-        print(make_builtin_dataset(args.root, seed=args.seed, image_size=args.image_size))
+        if args.crosscheck:
+            seed = 2 if args.seed == 0 else args.seed
+            print(make_crosscheck_dataset(args.root, seed=seed, image_size=args.image_size))
+        else:
+            print(make_builtin_dataset(args.root, seed=args.seed, image_size=args.image_size))
         return 0
     overrides = parse_overrides(args.set)
     from diffad import distributed

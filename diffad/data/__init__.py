@@ -10,6 +10,9 @@
 * :func:`make_builtin_dataset` writes a small dataset in the same layout offline, in
   seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel) and two
   drawn objects (nut, capsule), each with nine defect kinds, four of them low-contrast.
+* :func:`make_crosscheck_dataset` writes the same categories (the same training images) with
+  new normal test images and six defect kinds of a second, independent painter: results on
+  defects that no setting was chosen on.
 * :func:`to_diffusion_range` / :func:`from_diffusion_range`: the explicit [0, 1] <-> [-1, 1]
   conversion for the diffusion model.
 
@@ -25,6 +28,7 @@ from .builtin import (
     is_builtin,
     make_builtin_dataset,
 )
+from .crosscheck import CROSSCHECK_KINDS, make_crosscheck_dataset
 from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
 from .mvtec import (
     MVTEC_CATEGORIES,
@@ -41,6 +45,7 @@ __all__ = [
     "BUILTIN_CATEGORIES",
     "BUILTIN_OBJECTS",
     "BUILTIN_TEXTURES",
+    "CROSSCHECK_KINDS",
     "DEFECT_KINDS",
     "LOW_CONTRAST_KINDS",
     "MVTEC_CATEGORIES",
@@ -57,5 +62,6 @@ __all__ = [
     "list_categories",
     "load_all",
     "make_builtin_dataset",
+    "make_crosscheck_dataset",
     "to_diffusion_range",
 ]
