@@ -304,6 +304,27 @@ def test_bootstrap_weights_equal_the_metrics_of_repeated_images(seed, decimals):
         assert boot.metrics(weights) == pytest.approx(expected, abs=1e-12)
 
 
+def test_bootstrap_draws_that_cross_late_go_past_the_head():
+    """The running sums start on a head of the score groups; a draw whose FPR has not crossed the
+    limit there (here: mostly the images whose normal pixels score low) is read over all groups."""
+    from diffad.metrics import ImageBootstrap
+
+    rng = np.random.default_rng(7)
+    n = 20
+    masks = np.zeros((n, 48, 48), bool)
+    masks[10:, 10:20, 12:30] = True
+    maps = rng.normal(size=masks.shape) + 2.0 * masks
+    maps[:5] -= 3.0  # five normal images whose pixels rank below all others
+    labels = masks.reshape(n, -1).any(1).astype(int)
+    scores = maps.reshape(n, -1).max(1)
+    boot = ImageBootstrap(masks, maps, labels, scores)
+    assert len(boot._heads) == 2  # a head and the whole
+    for weights in (np.ones(n, int), np.r_[np.zeros(5, int), np.ones(15, int)],
+                    np.r_[np.full(5, 3), np.zeros(14, int), 1]):
+        index = np.repeat(np.arange(n), weights)
+        assert boot.metrics(weights)[1] == pytest.approx(pro(masks[index], maps[index]), abs=1e-12)
+
+
 def test_bootstrap_intervals_are_seeded_and_hold_the_estimate():
     from diffad.metrics import INTERVAL_COLUMNS, bootstrap_intervals
 
