@@ -540,6 +540,27 @@ def spread_markdown(rows: list[dict], by: str = "seed", methods: tuple[str, ...]
                            "the 95% bootstrap interval over test images."])
 
 
+def spread_against_intervals(rows: list[dict], by: str = "seed", methods: tuple[str, ...] = ("ensemble",),
+                             metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> dict[str, dict]:
+    """Whether retraining moves a number more than the test images do: per metric, the category and
+    method whose range over ``by`` is widest relative to its rows' mean 95% bootstrap interval,
+    as {"category", "method", "range", "interval"} in points."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["method"] in methods:
+            groups.setdefault((row["category"], row["method"]), []).append(row)
+    out = {}
+    for metric in metrics:
+        found = []
+        for (category, method), group in groups.items():
+            spread = 100 * (max(r[metric] for r in group) - min(r[metric] for r in group))
+            width = 100 * float(np.mean([r[f"{metric}_hi"] - r[f"{metric}_lo"] for r in group]))
+            ratio = spread / width if width > 0 else (np.inf if spread > 0 else 0.0)
+            found.append((ratio, {"category": category, "method": method, "range": spread, "interval": width}))
+        out[metric] = max(found, key=lambda item: item[0])[1]
+    return out
+
+
 def paper_table1_markdown(paper: dict | None = None) -> str:
     """The paper's Table 1 as it is published: (pixel AUROC, PRO) per method and category, quoted."""
     paper = read_paper_table1() if paper is None else paper

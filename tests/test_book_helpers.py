@@ -87,3 +87,23 @@ def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp
     assert found is not None and found.preset.grad_clip is None
     assert book.shipped_checkpoint(ctx.preset, ["brick"]) is None  # the preset's own model is not shipped
     assert book.variant_model(other, "brick", grad_clip=0.5) is None
+
+
+@pytest.mark.parametrize("categories, fields", [
+    (["brick"], {"seed": 1}), (["brick"], {"seed": 2}), (["nut"], {"seed": 1}), (["nut"], {"seed": 2}),
+    (["brick"], {"grad_clip": None}), (["nut"], {"ema_warmup": False}),
+    (["brick", "capsule", "nut"], "matched"),
+])
+def test_the_variants_the_chapters_read_are_shipped(categories, fields):
+    """Chapter 10's seeds, chapter 11's compute-matched unified model and chapter 13's authors'
+    choices ship, each under the fingerprint of the training fields it records."""
+    from diffad.ablations import matched_unified_overrides
+    from diffad.presets import training_fingerprint
+
+    cpu = get_preset("cpu")
+    if fields == "matched":
+        fields = matched_unified_overrides(cpu, categories)
+    wanted = cpu.replace(**fields).for_categories(categories)
+    path = book.shipped_checkpoint(wanted, categories)
+    assert path is not None, f"no shipped cpu model for {categories} with {fields}"
+    assert path.stem.endswith(training_fingerprint(wanted))

@@ -270,6 +270,23 @@ def test_spread_markdown_gives_mean_and_range_over_seeds():
     assert "| brick | ensemble | 0, 1, 2 | 92.0 (90.0-94.0) |" in text and "interval" not in text.split("\n")[2]
 
 
+def test_spread_against_intervals_finds_the_widest_range_relative_to_its_interval():
+    from diffad.evaluate import spread_against_intervals
+
+    def row(category, seed, value, width):
+        fields = {m: value for m in ("pixel_auroc", "pro", "image_auroc")}
+        for m in ("pixel_auroc", "pro", "image_auroc"):
+            fields[f"{m}_lo"], fields[f"{m}_hi"] = value - width / 2, value + width / 2
+        return {"category": category, "method": "ensemble", "seed": seed, **fields}
+
+    # brick: range 3 points against intervals of 4 and 2 (mean 3); nut: range 1 against 5
+    rows = [row("brick", 0, 0.90, 0.04), row("brick", 1, 0.93, 0.02), row("nut", 0, 0.95, 0.05),
+            row("nut", 1, 0.96, 0.05), {**row("nut", 2, 0.5, 0.0), "method": "kl"}]
+    found = spread_against_intervals(rows)["pro"]
+    assert found["category"] == "brick" and found["method"] == "ensemble"  # kl is not asked for
+    assert (found["range"], found["interval"]) == pytest.approx((3.0, 3.0))
+
+
 def test_compare_saved_reads_what_reproduce_saved(tmp_path):
     from diffad.evaluate import compare_saved
 
