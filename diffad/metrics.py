@@ -416,7 +416,7 @@ class ImageBootstrap:
             inside = int(np.searchsorted(fprs, self.fpr_limit, "right"))
             if inside < len(fprs):  # crossed within the head
                 break
-        pros = np.cumsum(overlap[:inside + 1] @ w) / n_regions
+        pros = np.cumsum((overlap @ w)[:inside + 1]) / n_regions
         curve_x = np.concatenate(([0.0], np.minimum(fprs[:inside + 1], 1.0)))
         curve_y = np.concatenate(([0.0], np.minimum(pros[:inside + 1], 1.0)))
         if curve_x[-1] < self.fpr_limit:  # every normal pixel is counted before the limit
