@@ -13,3 +13,12 @@ and ``feature_prediction(t_index)`` take indices; ``reconstruct(t_original=...)`
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# MKL picks some kernels by the memory alignment of their buffers, so the same CPU computation
+# can differ in its last bits from one process to the next; chapter 8's gradient steps amplify
+# that into a different first decimal. Strict conditional numerical reproducibility (read by
+# MKL when it starts, so before torch is first used) keeps a chapter's numbers the same on
+# every run on one machine; an MKL_CBWR of the user's own is left alone.
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
