@@ -322,6 +322,36 @@ def masks_by_rule(data_root, category: str, size: int) -> dict[str, list[np.ndar
     return out
 
 
+def mask_rule_effect(data_root, out_dir, categories, methods) -> list[dict]:
+    """What the mask rule does to a whole table: each method's pixel AUROC and PRO, averaged over
+    ``categories``, against masks brought to the maps' size by nearest neighbour and by area
+    (diffad's rule), read from the maps ``reproduce`` saved in ``<out_dir>/<category>/maps.npz``.
+    One row per method; the PRO change is area - nearest, in points."""
+    from pathlib import Path
+
+    per_method: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    for category in categories:
+        saved = np.load(Path(out_dir) / category / "maps.npz")
+        size = saved["masks"].shape[-1]
+        rules = {rule: np.stack(masks) for rule, masks in masks_by_rule(data_root, category, size).items()}
+        if not np.array_equal(rules["area (diffad)"], saved["masks"].astype(bool)):
+            raise ValueError(f"the masks saved for {category} in {out_dir} are not the area-rule masks of "
+                             f"{data_root}: the maps come from other data; rerun reproduce")
+        for method in methods:
+            if method not in saved:
+                raise ValueError(f"{method!r} is not among the maps saved for {category}: {sorted(saved.files)}")
+            values = per_method[method]
+            for rule, key in (("nearest", "nearest"), ("area (diffad)", "area")):
+                values.setdefault(f"pixel AUROC, {key}", []).append(pixel_auroc(rules[rule], saved[method]))
+                values.setdefault(f"PRO, {key}", []).append(pro(rules[rule], saved[method]))
+    rows = []
+    for method, values in per_method.items():
+        row = {"method": method, **{k: 100 * float(np.mean(v)) for k, v in values.items()}}
+        row["PRO change"] = row["PRO, area"] - row["PRO, nearest"]
+        rows.append(row)
+    return rows
+
+
 def mask_fragments(data_root, category: str, size: int) -> list[dict]:
     """How many 8-connected regions each defect becomes when its mask is brought to ``size``.
 

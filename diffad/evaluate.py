@@ -325,6 +325,7 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     and only the baselines it lacks are run (:func:`complete_baselines`).
     Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc and their 95%
     bootstrap intervals ``pixel_auroc_lo``, ``pixel_auroc_hi``, ...), ``<out>/table1.md``,
+    ``<out>/intervals.md`` (every method's metrics with their intervals),
     ``<out>/<category>/maps.npz`` (per-image maps of every method, its image scores as
     ``<method>_scores``, the labels and masks) and ``<out>/<category>/overlays.png``.
 
@@ -369,6 +370,9 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     write_results_csv(all_rows, out_dir / "results.csv")
     mvtec = not any(is_builtin(data_root, c) for c in categories)
     (out_dir / "table1.md").write_text(table1_markdown(all_rows, mvtec=mvtec))
+    if all(f"{RESULT_COLUMNS[2]}_lo" in row for row in all_rows):
+        methods = tuple(dict.fromkeys(row["method"] for row in all_rows))
+        (out_dir / "intervals.md").write_text(interval_markdown(all_rows, methods))
     return all_rows
 
 

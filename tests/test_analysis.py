@@ -250,3 +250,34 @@ def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
     (row,) = mask_fragments(tmp_path, "toy", 32)
     assert row["defect_type"] == "crack" and row["images"] == 1
     assert row["full size"] == 1 and row["area (diffad)"] == 1 and row["nearest"] > 1
+
+
+def test_mask_rule_effect_rescores_saved_maps_under_both_rules(tmp_path):
+    from PIL import Image
+    from skimage.draw import line
+
+    from diffad.analysis import mask_rule_effect, masks_by_rule
+    from diffad.data.mvtec import downsample_mask
+
+    root = tmp_path / "data" / "toy"
+    for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (root / folder).mkdir(parents=True)
+    image = Image.fromarray(np.full((128, 128, 3), 128, dtype=np.uint8))
+    for folder in ("train/good", "test/good", "test/crack"):
+        image.save(root / folder / "000.png")
+    full = np.zeros((128, 128), dtype=np.uint8)
+    full[line(5, 5, 120, 100)] = 255
+    Image.fromarray(full).save(root / "ground_truth/crack/000_mask.png")
+    masks = np.stack(masks_by_rule(tmp_path / "data", "toy", 32)["area (diffad)"])
+    assert np.array_equal(masks.any(axis=0), downsample_mask(full > 0, (32, 32)) > 0)
+    (tmp_path / "out" / "toy").mkdir(parents=True)
+    # a map that is exactly the area mask: perfect under the area rule
+    np.savez(tmp_path / "out" / "toy" / "maps.npz", masks=masks, perfect=masks.astype(float))
+    (row,) = mask_rule_effect(tmp_path / "data", tmp_path / "out", ["toy"], ["perfect"])
+    assert row["PRO, area"] == pytest.approx(100) and row["pixel AUROC, area"] == pytest.approx(100)
+    assert row["PRO change"] == pytest.approx(row["PRO, area"] - row["PRO, nearest"])
+    with pytest.raises(ValueError, match="not among the maps"):
+        mask_rule_effect(tmp_path / "data", tmp_path / "out", ["toy"], ["padim"])
+    np.savez(tmp_path / "out" / "toy" / "maps.npz", masks=~masks, perfect=masks.astype(float))
+    with pytest.raises(ValueError, match="other data"):
+        mask_rule_effect(tmp_path / "data", tmp_path / "out", ["toy"], ["perfect"])

@@ -48,6 +48,8 @@ def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
     assert (tmp_path / "brick" / "maps.npz").is_file() and (tmp_path / "nut" / "overlays.png").is_file()
     assert "| brick |" in (tmp_path / "table1.md").read_text()
     assert "CFlow" not in (tmp_path / "table1.md").read_text()  # built-in data: no quoted columns
+    intervals = (tmp_path / "intervals.md").read_text()
+    assert "| brick | PRO |" in intervals and "patchcore" in intervals and " [" in intervals
     # A finished category is not redone: its recorded metrics are reused as they are.
     done = tmp_path / "nut" / "metrics.json"
     recorded = json.loads(done.read_text())
