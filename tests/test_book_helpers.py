@@ -1,6 +1,7 @@
 """diffad.book: the model cache, the no-training guard and the scored-maps cache the chapters share."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -64,13 +65,18 @@ def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_mode
 
 
 def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("DIFFAD_CACHE", raising=False)
+    # setup() exports the chosen cache as DIFFAD_CACHE; setting it through monkeypatch first makes
+    # the teardown restore the variable as it was, so later tests and nbval's kernels (which
+    # inherit this process's environment) do not run in this test's folder
+    monkeypatch.setenv("DIFFAD_CACHE", str(tmp_path / "unused"))
+    monkeypatch.delenv("DIFFAD_CACHE")
     from diffad import book as chapter_runtime
 
     assert chapter_runtime.drive_cache() is None
     assert "Google Drive not mounted" in capsys.readouterr().out
     ctx = chapter_runtime.setup("cpu", data_root=tmp_path, cache=tmp_path / "local", drive=True)
     assert ctx.cache == (tmp_path / "local").resolve()
+    assert os.environ["DIFFAD_CACHE"] == str(tmp_path / "local")  # fit's downloads go there too
 
 
 def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp_path):
