@@ -22,7 +22,7 @@ import ast
 import sys
 from pathlib import Path
 
-from diffad.presets import PRESETS, field_names
+from diffad.presets import PRESETS, field_names, get_preset
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, needs_category=False):
         p.add_argument("--data-root", required=True, type=Path, help="a folder in the MVTec-AD layout")
-        p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+        p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                       help="default: cpu (evaluate: the preset the model was trained with)")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a preset field")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
         if needs_category:
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from diffad.train import fit
 
-            model = fit(args.data_root, args.category, args.out, args.preset, device=args.device,
+            model = fit(args.data_root, args.category, args.out, args.preset or "cpu", device=args.device,
                         stop_after=args.stop_after, **overrides)
             if distributed.is_main():
                 done = "" if (args.out / "model.pt").is_file() else " (stopped early; run again to resume)"
@@ -127,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             from diffad.train import MODEL_NAME, TrainedModel
 
             model = TrainedModel.load(args.model / MODEL_NAME, args.device)
+            # scored with its preset's scoring settings of today and --set, not of its training day
+            known = model.preset.name in PRESETS
+            base = args.preset or (model.preset.name if known else model.preset)
+            model = model.scored_as(get_preset(base, **overrides))
             rows = []
             for category in args.category:
                 rows += evaluate_category(model, args.data_root, category, baselines=not args.no_baselines,
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "reproduce":
             from diffad.evaluate import reproduce
 
-            reproduce(args.data_root, args.out, args.preset, categories=args.category,
+            reproduce(args.data_root, args.out, args.preset or "cpu", categories=args.category,
                       baselines=not args.no_baselines, figures=not args.no_figures, device=args.device, **overrides)
             if distributed.is_main():
                 print((args.out / "table1.md").read_text())

@@ -386,8 +386,8 @@ def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: P
         if baselines:
             recorded = complete_baselines(folder, category, recorded, data_root, preset, device)
         return recorded
-    if model_loader is not None:
-        model = model_loader(category)
+    if model_loader is not None:  # scored with the settings asked for, not those it was trained under
+        model = model_loader(category).scored_as(preset.for_categories(category))
     else:
         model = fit(data_root, category, folder / "model", preset, device=device, progress=progress, ddp=False)
     result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
@@ -483,6 +483,20 @@ def results_markdown(rows: list[dict], methods: tuple[str, ...] | None = None,
         body.append(["**average**"] + [cell(averages.get(m)) for m in methods])
     return markdown_table(["category"] + list(methods), body,
                           [f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent, computed by diffad."])
+
+
+def averages_markdown(sets: dict[str, list[dict]], methods: tuple[str, ...],
+                      metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> str:
+    """Each method's metrics averaged over categories, one column per set of results (the same
+    models on two test sets, say): cells ``pixel AUROC / PRO / image AUROC`` in percent."""
+    averages = {name: method_averages(rows, metrics) for name, rows in sets.items()}
+    missing = [(name, m) for name, by_method in averages.items() for m in methods if m not in by_method]
+    if missing:
+        raise ValueError(f"methods missing from a set of results: {missing}")
+    body = [[method] + [" / ".join(f"{100 * averages[name][method][m]:.1f}" for m in metrics) for name in sets]
+            for method in methods]
+    return markdown_table(["method"] + list(sets), body,
+                          [f"{' / '.join(METRIC_LABELS[m] for m in metrics)} in percent, mean over categories."])
 
 
 def interval_markdown(rows: list[dict], methods: tuple[str, ...],

@@ -41,7 +41,7 @@ from diffad.device import (CUDA_BLOCK_BYTES, GIB, Accelerator, PeakMemory, Preci
 from diffad.diffusion import GaussianDiffusion
 from diffad.io import atomic_save, load_torch_file
 from diffad.models import create_unet, load_guided_diffusion_checkpoint, resolve_init_checkpoint
-from diffad.presets import Preset, get_preset, training_differences
+from diffad.presets import SCORING_FIELDS, Preset, get_preset, training_differences
 
 __all__ = ["fit", "training_step", "plan_training", "TrainingPlan", "TrainedModel", "pick_device", "atomic_save"]
 
@@ -100,6 +100,15 @@ class TrainedModel:
     feature_channels: int
     history: list[dict] = field(default_factory=list)
     feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel (mean, std) of targets
+
+    def scored_as(self, preset: Preset) -> TrainedModel:
+        """This model with ``preset``'s scoring settings (``SCORING_FIELDS``), the same weights.
+
+        A checkpoint records the preset of its training day, scoring settings included; a model
+        is scored with the settings asked for now, as :func:`fit` does for a finished run.
+        """
+        scoring = {name: getattr(preset, name) for name in SCORING_FIELDS}
+        return dataclasses.replace(self, preset=self.preset.replace(**scoring))
 
     def feature_target(self, features: torch.Tensor) -> torch.Tensor:
         """Backbone features as the feature head was trained to predict them."""

@@ -131,6 +131,25 @@ def test_cli_train_and_evaluate(tiny_builtin, tmp_path, capsys):
     assert (tmp_path / "results.csv").is_file()
 
 
+def test_a_loaded_model_is_scored_with_the_settings_asked_for(tiny_builtin, tiny_model, tmp_path, capsys):
+    """A checkpoint records the scoring settings of its training day; reproduce(model_loader=...)
+    and the evaluate command score with those asked for now (alpha 1: the ensemble is the KL map)."""
+    old = tiny_model.scored_as(tiny_model.preset.replace(alpha=0.3, top_k=7))
+    assert (old.preset.alpha, old.preset.top_k) == (0.3, 7) and old.unet is tiny_model.unet
+    assert old.preset.train_steps == tiny_model.preset.train_steps  # training fields are kept
+    rows = reproduce(tiny_builtin, tmp_path / "out", "cpu", categories=["brick"], baselines=False,
+                     figures=False, progress=False, model_loader=lambda c: old, **{**TINY_OVERRIDES, "alpha": 1.0})
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["ensemble"]["pro"] == by_method["kl"]["pro"]
+    old.save(tmp_path / "model.pt")
+    sets = sum((["--set", f"{k}={v!r}"] for k, v in {**TINY_OVERRIDES, "alpha": 1.0}.items()), [])
+    assert main(["evaluate", "--data-root", str(tiny_builtin), "--category", "brick", "--model", str(tmp_path),
+                 "--no-baselines"] + sets) == 0
+    lines = {line.split()[1]: line.split("PRO")[1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("brick")}
+    assert lines["ensemble"] == lines["kl"]
+
+
 def test_image_score_can_read_validation_normalised_maps(tiny_preset):
     import torch
 
@@ -287,6 +306,20 @@ def test_spread_against_intervals_finds_the_widest_range_relative_to_its_interva
     found = spread_against_intervals(rows)["pro"]
     assert found["category"] == "brick" and found["method"] == "ensemble"  # kl is not asked for
     assert (found["range"], found["interval"]) == pytest.approx((3.0, 3.0))
+
+
+def test_averages_markdown_sets_results_side_by_side():
+    from diffad.evaluate import averages_markdown
+
+    def rows(value):
+        return [{"category": c, "method": m, "pixel_auroc": value, "pro": value / 2, "image_auroc": 1.0}
+                for c in ("brick", "nut") for m in ("kl", "padim")]
+
+    text = averages_markdown({"built-in": rows(0.9), "cross-check": rows(0.8)}, ("kl",))
+    assert "| method | built-in | cross-check |" in text
+    assert "| kl | 90.0 / 45.0 / 100.0 | 80.0 / 40.0 / 100.0 |" in text
+    with pytest.raises(ValueError, match="missing"):
+        averages_markdown({"built-in": rows(0.9)}, ("ensemble",))
 
 
 def test_compare_saved_reads_what_reproduce_saved(tmp_path):
