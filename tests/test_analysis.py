@@ -232,13 +232,12 @@ def test_largest_defect_picks_the_biggest_mask_of_the_kind():
         analysis.largest_defect(data, "good")
 
 
-def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
+def _toy_crack_category(root) -> np.ndarray:
+    """An MVTec-layout category at ``root``: one grey image per split, one test image with a thin
+    diagonal crack (its 128 px mask, returned)."""
     from PIL import Image
     from skimage.draw import line
 
-    from diffad.analysis import mask_fragments
-
-    root = tmp_path / "toy"
     for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
         (root / folder).mkdir(parents=True)
     image = Image.fromarray(np.full((128, 128, 3), 128, dtype=np.uint8))
@@ -247,27 +246,23 @@ def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
     mask = np.zeros((128, 128), dtype=np.uint8)
     mask[line(5, 5, 120, 100)] = 255
     Image.fromarray(mask).save(root / "ground_truth/crack/000_mask.png")
+    return mask
+
+
+def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
+    from diffad.analysis import mask_fragments
+
+    _toy_crack_category(tmp_path / "toy")
     (row,) = mask_fragments(tmp_path, "toy", 32)
     assert row["defect_type"] == "crack" and row["images"] == 1
     assert row["full size"] == 1 and row["area (diffad)"] == 1 and row["nearest"] > 1
 
 
 def test_mask_rule_effect_rescores_saved_maps_under_both_rules(tmp_path):
-    from PIL import Image
-    from skimage.draw import line
-
     from diffad.analysis import mask_rule_effect, masks_by_rule
     from diffad.data.mvtec import downsample_mask
 
-    root = tmp_path / "data" / "toy"
-    for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
-        (root / folder).mkdir(parents=True)
-    image = Image.fromarray(np.full((128, 128, 3), 128, dtype=np.uint8))
-    for folder in ("train/good", "test/good", "test/crack"):
-        image.save(root / folder / "000.png")
-    full = np.zeros((128, 128), dtype=np.uint8)
-    full[line(5, 5, 120, 100)] = 255
-    Image.fromarray(full).save(root / "ground_truth/crack/000_mask.png")
+    full = _toy_crack_category(tmp_path / "data" / "toy")
     masks = np.stack(masks_by_rule(tmp_path / "data", "toy", 32)["area (diffad)"])
     assert np.array_equal(masks.any(axis=0), downsample_mask(full > 0, (32, 32)) > 0)
     (tmp_path / "out" / "toy").mkdir(parents=True)
