@@ -533,16 +533,21 @@ def compare_saved(folder: str | Path, first: str, second: str, n_resamples: int 
                                    (saved[second], saved[f"{second}_scores"]), n_resamples, seed)
 
 
-def spread_markdown(rows: list[dict], by: str = "seed", methods: tuple[str, ...] = ("ensemble",),
-                    metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> str:
-    """Per category and method, each metric's mean and range over the values of ``by`` (training
-    seeds, say), with the mean width of the rows' 95% bootstrap intervals beside it when present."""
+def _by_category_and_method(rows: list[dict], methods: tuple[str, ...]) -> dict[tuple[str, str], list[dict]]:
+    """The rows of ``methods`` grouped by (category, method), in first-seen order."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         if row["method"] in methods:
             groups.setdefault((row["category"], row["method"]), []).append(row)
+    return groups
+
+
+def spread_markdown(rows: list[dict], by: str = "seed", methods: tuple[str, ...] = ("ensemble",),
+                    metrics: tuple[str, ...] = RESULT_COLUMNS[2:]) -> str:
+    """Per category and method, each metric's mean and range over the values of ``by`` (training
+    seeds, say), with the mean width of the rows' 95% bootstrap intervals beside it when present."""
     body = []
-    for (category, method), group in groups.items():
+    for (category, method), group in _by_category_and_method(rows, methods).items():
         values = sorted({r[by] for r in group})
         cells = []
         for metric in metrics:
@@ -563,10 +568,7 @@ def spread_against_intervals(rows: list[dict], by: str = "seed", methods: tuple[
     """Whether retraining moves a number more than the test images do: per metric, the category and
     method whose range over ``by`` is widest relative to its rows' mean 95% bootstrap interval,
     as {"category", "method", "range", "interval"} in points."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        if row["method"] in methods:
-            groups.setdefault((row["category"], row["method"]), []).append(row)
+    groups = _by_category_and_method(rows, methods)
     out = {}
     for metric in metrics:
         found = []
