@@ -616,6 +616,18 @@ def _parameters(
     }
 
 
+def _resolve_categories(categories: str | Sequence[str] | None) -> list[str]:
+    """``categories`` as a list without repeats (None: every built-in one), each checked."""
+    if categories is None:
+        categories = BUILTIN_CATEGORIES
+    elif isinstance(categories, str):
+        categories = [categories]
+    unknown = [c for c in categories if c not in BUILTIN_CATEGORIES]
+    if unknown:
+        raise ValueError(f"unknown built-in categories {unknown}; choose from {list(BUILTIN_CATEGORIES)}")
+    return list(dict.fromkeys(categories))
+
+
 def _is_complete(folder: Path, parameters: dict) -> bool:
     manifest = folder / _MANIFEST_NAME
     if not manifest.is_file():
@@ -681,17 +693,10 @@ def make_builtin_dataset(
     for name, value, minimum in counts:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if categories is None:
-        categories = BUILTIN_CATEGORIES
-    elif isinstance(categories, str):
-        categories = [categories]
-    unknown = [c for c in categories if c not in BUILTIN_CATEGORIES]
-    if unknown:
-        raise ValueError(f"unknown built-in categories {unknown}; choose from {list(BUILTIN_CATEGORIES)}")
-
+    categories = _resolve_categories(categories)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for category in dict.fromkeys(categories):
+    for category in categories:
         parameters = _parameters(
             int(seed), int(image_size), int(n_train), int(n_test_good), int(n_test_per_defect), category
         )

@@ -52,10 +52,12 @@ from .builtin import (
     _GENERATOR_VERSION,
     _MANIFEST_NAME,
     _SCENES,
-    BUILTIN_CATEGORIES,
     _finish,
     _grid,
+    _is_complete,
+    _resolve_categories,
     _rng,
+    _save_png,
     _Scene,
     _smooth_noise,
     _texture_source,
@@ -333,11 +335,7 @@ def make_crosscheck_dataset(
     """
     if seed == train_seed:
         raise ValueError(f"seed ({seed}) must differ from train_seed: the test images would repeat training's")
-    categories = list(BUILTIN_CATEGORIES if categories is None else [categories] if isinstance(categories, str)
-                      else categories)
-    unknown = [c for c in categories if c not in BUILTIN_CATEGORIES]
-    if unknown:
-        raise ValueError(f"unknown built-in categories {unknown}; choose from {list(BUILTIN_CATEGORIES)}")
+    categories = _resolve_categories(categories)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for category in categories:
@@ -348,14 +346,9 @@ def make_crosscheck_dataset(
             "defect_kinds": list(CROSSCHECK_KINDS),
         }
         folder = root / category
-        manifest = folder / _MANIFEST_NAME
-        if manifest.is_file():
-            try:
-                if json.loads(manifest.read_text()).get("parameters") == parameters:
-                    continue
-            except ValueError:
-                pass
-        elif folder.exists():
+        if _is_complete(folder, parameters):
+            continue
+        if folder.exists() and not (folder / _MANIFEST_NAME).is_file():
             raise FileExistsError(f"{folder} exists but was not made by make_crosscheck_dataset; "
                                   "move it away or choose another root")
         staging = root / f".{category}.building"
@@ -369,7 +362,7 @@ def make_crosscheck_dataset(
         def save(array: np.ndarray, relative: str) -> None:
             path = staging / "out" / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path, format="PNG", compress_level=1)
+            _save_png(array, path)
             files.append(relative)
 
         for index in range(n_test_good):
