@@ -403,7 +403,7 @@ def test_builtin_mask_is_exactly_the_altered_region():
     from diffad.data import builtin
 
     size = 64
-    for category in BUILTIN_CATEGORIES:
+    for category in BUILTIN_CATEGORIES + builtin.DEVELOPMENT_CATEGORIES:
         for kind_index, kind in enumerate(builtin.CATEGORY_DEFECTS[category]):
             for index, level in enumerate((0.0, 0.5, 1.0)):
                 # Each defective image draws its scene first from its own generator, so the same
@@ -478,3 +478,33 @@ def test_downsampled_masks_keep_a_thin_crack_in_one_piece():
     blocks = crack.reshape(64, 4, 64, 4).any(axis=(1, 3))
     np.testing.assert_array_equal(small > 0, blocks)
     np.testing.assert_array_equal(downsample_mask(crack, (256, 256)), crack.astype(np.float32))
+
+
+def test_development_set_shares_no_source_or_seed_with_the_test_categories(tmp_path):
+    from diffad.data import DEVELOPMENT_CATEGORIES, make_development_dataset
+    from diffad.data.builtin import _FOREIGN_SOURCE, _MATCHED_SOURCE
+
+    root = make_development_dataset(tmp_path / "dev", image_size=64, n_train=2, n_test_good=1, n_test_per_defect=1)
+    assert list_categories(root) == sorted(DEVELOPMENT_CATEGORIES)
+    assert not set(DEVELOPMENT_CATEGORIES) & set(BUILTIN_CATEGORIES)
+    for category in DEVELOPMENT_CATEGORIES:
+        manifest = json.loads((root / category / ".builtin.json").read_text())["parameters"]
+        assert manifest["seed"] != 0 and manifest["defect_kinds"] == list(DEFECT_KINDS)
+        # the patches pasted into development images come from photographs no test category is made of
+        assert {_FOREIGN_SOURCE[category], _MATCHED_SOURCE[category]}.isdisjoint(BUILTIN_CATEGORIES)
+        test = MVTecAD(root, category, "test", image_size=64)
+        assert sorted(set(test.defect_types) - {"good"}) == sorted(DEFECT_KINDS)
+    with pytest.raises(ValueError, match="seed other than 0"):
+        make_development_dataset(tmp_path / "bad", seed=0)
+
+
+def test_coin_is_a_photographed_object_with_pose_changes():
+    from diffad.data import builtin
+
+    scenes = [builtin._SCENES["coin"](builtin._rng(0, "coin", 1, i), 64) for i in range(2)]
+    assert all(s.is_object for s in scenes)
+    coverage = scenes[0].support.mean()
+    assert 0.3 < coverage < 0.55  # a disc of radius 0.74 of half the side: 43 % of the image
+    assert np.abs(scenes[0].image - scenes[1].image).mean() > 0.01  # pose and light differ
+    grey = scenes[0].image.mean(axis=2)
+    assert grey[scenes[0].support > 0.99].std() > 0.05  # the photograph's relief, not a flat disc

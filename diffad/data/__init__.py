@@ -9,7 +9,9 @@
   extracts the categories asked for.
 * :func:`make_builtin_dataset` writes a small dataset in the same layout offline, in
   seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel) and two
-  drawn objects (nut, capsule), each with nine defect kinds, four of them low-contrast.
+  drawn objects (nut, capsule), each with thirteen defect kinds, six of them low-contrast.
+* :func:`make_development_dataset` writes the development categories (a photographed coin, a
+  tissue texture: other photographs, another seed) on which settings are chosen.
 * :func:`make_crosscheck_dataset` writes the same categories (the same training images) with
   new normal test images and six defect kinds of a second, independent painter: results on
   defects that no setting was chosen on.
@@ -24,9 +26,11 @@ from .builtin import (
     BUILTIN_OBJECTS,
     BUILTIN_TEXTURES,
     DEFECT_KINDS,
+    DEVELOPMENT_CATEGORIES,
     LOW_CONTRAST_KINDS,
     is_builtin,
     make_builtin_dataset,
+    make_development_dataset,
 )
 from .crosscheck import CROSSCHECK_KINDS, make_crosscheck_dataset
 from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
@@ -47,6 +51,7 @@ __all__ = [
     "BUILTIN_TEXTURES",
     "CROSSCHECK_KINDS",
     "DEFECT_KINDS",
+    "DEVELOPMENT_CATEGORIES",
     "LOW_CONTRAST_KINDS",
     "MVTEC_CATEGORIES",
     "MVTEC_SHA256",
@@ -63,5 +68,6 @@ __all__ = [
     "load_all",
     "make_builtin_dataset",
     "make_crosscheck_dataset",
+    "make_development_dataset",
     "to_diffusion_range",
 ]

@@ -33,10 +33,19 @@ Every object image has a small random pose and lighting change: shift up to 3 % 
 image, rotation up to 4 degrees, scale +-2 %, light direction +-10 degrees, brightness +-4 %,
 plus sensor noise (sigma 0.01). Normal variation is therefore real, as in MVTec's objects.
 
+Development categories (``DEVELOPMENT_CATEGORIES``, :func:`make_development_dataset`), made from
+photographs that no test category uses, for choosing settings (chapter 7):
+
+* ``coin``   -- a real photographed coin (the helmeted head of ``skimage.data.coins()``, CC0),
+  warped with the objects' pose and lighting change onto a dark table, warm-tinted;
+* ``tissue`` -- random crops (0.4 of the side) of ``skimage.data.immunohistochemistry()``
+  (CC0), a real colour texture with large normal variation.
+
 Defect kinds (``DEFECT_KINDS``)
 -------------------------------
-Every category's test split has all nine kinds; four of them (``LOW_CONTRAST_KINDS``) are
-deliberately hard. Sizes cycle small / medium / large over the images of a kind (``size``
+Every category's test split has all thirteen kinds; six of them (``LOW_CONTRAST_KINDS``) are
+deliberately hard, and four (smudge, discolour, displaced, pits) are MVTec-AD kinds that favour
+no branch in particular: large and faint, a whole part, a misplaced part, a cluster. Sizes cycle small / medium / large over the images of a kind (``size``
 below is the fraction of the image side at 256 px). Defects are blended with antialiased
 edges; the ground-truth mask is exactly the pixels whose blend weight exceeds 0.5, so the
 mask and the altered pixels agree.
@@ -61,6 +70,17 @@ mask and the altered pixels agree.
 * ``rotated_patch`` -- the image rotated by 60-180 degrees about a point, pasted back in a
   disc (radius 0.08-0.14): right colours and texture statistics, wrong orientation. Hard
   (nearly invisible on isotropic texture such as gravel; obvious on brick).
+* ``smudge``        -- a large irregular patchy smear (radius 0.12-0.24, wobbling outline, its
+  strength modulated by smooth noise), 15-45 % of the way to grime, dust or oil, whichever two
+  differ most from the surface. Hard (large, low contrast: MVTec's stains and contamination).
+* ``discolour``     -- objects: the whole object with one colour channel scaled by 12-25 %;
+  textures: a broad soft region (radius 0.22-0.34) likewise. Hard (a whole part, low frequency).
+* ``displaced``     -- objects: a piece of the rim (radius 0.07-0.12) slid along the outline by
+  0.05-0.09 of the side, leaving a gap and overlapping where it lands (the mask is both);
+  textures: a disc (radius 0.07-0.13) of the texture copied from 0.1-0.25 of the side away,
+  out of phase with its surroundings. Medium.
+* ``pits``          -- a cluster of 5-14 small dark pits (radius 0.012-0.025) scattered within
+  0.04-0.1 of a centre. Medium (small, many components).
 
 Determinism and caching
 -----------------------
@@ -90,14 +110,19 @@ __all__ = [
     "BUILTIN_TEXTURES",
     "BUILTIN_OBJECTS",
     "DEFECT_KINDS",
+    "DEVELOPMENT_CATEGORIES",
     "LOW_CONTRAST_KINDS",
     "CATEGORY_DEFECTS",
     "make_builtin_dataset",
+    "make_development_dataset",
 ]
 
 BUILTIN_TEXTURES = ("brick", "grass", "gravel")
 BUILTIN_OBJECTS = ("nut", "capsule")
 BUILTIN_CATEGORIES = BUILTIN_TEXTURES + BUILTIN_OBJECTS
+# Development categories: other source photographs than every test category, for choosing
+# settings (``make_development_dataset``); never part of a reported table.
+DEVELOPMENT_CATEGORIES = ("coin", "tissue")
 
 DEFECT_KINDS = {
     "scratch": "thin bright or dark curve, 2-4 px wide at 256 px, 0.15-0.5 of the side long (easy)",
@@ -109,9 +134,13 @@ DEFECT_KINDS = {
     "shift": "large soft blob, brightness +-0.05-0.09 or one channel +-0.04-0.07 (hard, low contrast)",
     "matched_patch": "patch of another texture matched to the local mean and contrast (hard)",
     "rotated_patch": "disc of the image rotated by 60-180 degrees about its centre (hard)",
+    "smudge": "large irregular patchy smear of dirt, radius 0.12-0.24, 15-45 % of the way to its colour (hard)",
+    "discolour": "the whole object, or a broad soft region of texture, with one channel off by 12-25 % (hard)",
+    "displaced": "objects: a piece of the rim slid along the outline; textures: a patch copied out of phase (medium)",
+    "pits": "cluster of 5-14 small dark pits, radius 0.012-0.025, within 0.04-0.1 of a centre (medium)",
 }
-LOW_CONTRAST_KINDS = ("faint_scratch", "shift", "matched_patch", "rotated_patch")
-CATEGORY_DEFECTS = {category: tuple(DEFECT_KINDS) for category in BUILTIN_CATEGORIES}
+LOW_CONTRAST_KINDS = ("faint_scratch", "shift", "matched_patch", "rotated_patch", "smudge", "discolour")
+CATEGORY_DEFECTS = {category: tuple(DEFECT_KINDS) for category in BUILTIN_CATEGORIES + DEVELOPMENT_CATEGORIES}
 
 _GENERATOR_VERSION = 1
 _MANIFEST_NAME = ".builtin.json"
@@ -122,9 +151,17 @@ _PALETTES = {
     "brick": ((0.22, 0.09, 0.06), (0.98, 0.72, 0.58)),
     "grass": ((0.04, 0.12, 0.02), (0.72, 0.90, 0.45)),
     "gravel": ((0.10, 0.09, 0.08), (0.96, 0.93, 0.86)),
+    # sources of the development categories' foreign patches, and the coin's metal
+    "moon": ((0.08, 0.08, 0.12), (0.88, 0.90, 0.96)),
+    "camera": ((0.05, 0.05, 0.05), (0.95, 0.95, 0.95)),
+    "coin": ((0.10, 0.08, 0.05), (0.98, 0.90, 0.70)),
 }
-_FOREIGN_SOURCE = {"brick": "gravel", "grass": "brick", "gravel": "grass", "nut": "grass", "capsule": "gravel"}
-_MATCHED_SOURCE = {"brick": "gravel", "grass": "gravel", "gravel": "brick", "nut": "gravel", "capsule": "grass"}
+# Where foreign and matched patches come from: another photograph than the category's own (the
+# development categories draw on photographs that no test category uses).
+_FOREIGN_SOURCE = {"brick": "gravel", "grass": "brick", "gravel": "grass", "nut": "grass", "capsule": "gravel",
+                   "coin": "moon", "tissue": "camera"}
+_MATCHED_SOURCE = {"brick": "gravel", "grass": "gravel", "gravel": "brick", "nut": "gravel", "capsule": "grass",
+                   "coin": "camera", "tissue": "moon"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -363,12 +400,78 @@ def _capsule_scene(rng: np.random.Generator, size: int) -> _Scene:
     return _Scene(np.clip(image, 0, 1).astype(np.float32), body, body, lit_table.astype(np.float32), True, 0.01)
 
 
+@lru_cache(maxsize=None)
+def _coin_source() -> tuple[np.ndarray, tuple[float, float], float]:
+    """One coin of ``skimage.data.coins()`` (a real photograph, CC0): the grey photograph, the
+    coin's centre (y, x) and radius in its pixels. Otsu's threshold finds the coin; its outline
+    is taken as the circle of the same area (the threshold frays at the dark rim)."""
+    import skimage.data
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+
+    grey = skimage.data.coins().astype(np.float32) / 255.0
+    y0, x0 = 224, 8  # the helmeted head, bottom left
+    crop = grey[y0:298, x0:86]
+    mask = ndimage.binary_fill_holes(ndimage.binary_opening(crop > threshold_otsu(crop), iterations=2))
+    labels, _ = ndimage.label(mask)
+    mask = labels == np.bincount(labels.ravel()[labels.ravel() > 0]).argmax()
+    cy, cx = ndimage.center_of_mass(mask)
+    return grey, (cy + y0, cx + x0), float(np.sqrt(mask.sum() / np.pi))
+
+
+def _coin_scene(rng: np.random.Generator, size: int) -> _Scene:
+    """The photographed coin on a dark table, with the objects' small pose and lighting change."""
+    from scipy.ndimage import map_coordinates
+
+    grey, (cy, cx), radius = _coin_source()
+    pose = _pose(rng, size)
+    u, v, unit = _object_frame(size, pose)
+    coin_radius = 0.74  # of half the image side
+    coords = [cy + v * radius / coin_radius, cx + u * radius / coin_radius]
+    metal = map_coordinates(grey, coords, order=3, mode="nearest")
+    coverage = _coverage((np.hypot(u, v) - coin_radius) * unit)
+    light = pose["light"] - pose["angle"]
+    metal = metal * pose["gain"] * (1 + 0.05 * (u * np.cos(light) + v * np.sin(light)))
+    coin = _colourise(np.clip(metal, 0, 1), "coin")
+    lit_table = _table(size, (0.20, 0.21, 0.23), rng)
+    shadow = np.clip(0.5 - (np.hypot(u + 0.03 * np.cos(light), v + 0.03 * np.sin(light)) - coin_radius) / 0.06, 0, 1)
+    table = lit_table * (1 - 0.4 * shadow)[..., None]
+    image = coverage[..., None] * coin + (1 - coverage[..., None]) * table
+    coverage = coverage.astype(np.float32)
+    return _Scene(np.clip(image, 0, 1).astype(np.float32), coverage, coverage, lit_table.astype(np.float32), True, 0.01)
+
+
+@lru_cache(maxsize=None)
+def _colour_source(name: str) -> Image.Image:
+    """A colour scikit-image photograph as an RGB PIL image."""
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+def _tissue_scene(rng: np.random.Generator, size: int) -> _Scene:
+    """A random (crop, flip) of the immunohistochemistry photograph: a real colour texture."""
+    source = _colour_source("immunohistochemistry")
+    crop = 0.4 * source.width
+    x0, y0 = rng.uniform(0, source.width - crop), rng.uniform(0, source.height - crop)
+    image = np.asarray(source.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + crop, y0 + crop)))
+    image = image.astype(np.float32) / 255.0
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    mean = image.mean(axis=(0, 1))
+    image = (image - mean) * rng.uniform(0.93, 1.07) + mean + rng.uniform(-0.03, 0.03)
+    ones = np.ones((size, size), np.float32)
+    return _Scene(np.clip(image, 0, 1).astype(np.float32), ones, ones, None, False, 0.0)
+
+
 _SCENES: dict[str, Callable[[np.random.Generator, int], _Scene]] = {
     "brick": lambda rng, size: _texture_scene("brick", rng, size),
     "grass": lambda rng, size: _texture_scene("grass", rng, size),
     "gravel": lambda rng, size: _texture_scene("gravel", rng, size),
     "nut": _nut_scene,
     "capsule": _capsule_scene,
+    "coin": _coin_scene,
+    "tissue": _tissue_scene,
 }
 
 
@@ -557,6 +660,79 @@ def _paint_rotated_patch(kind, scene: _Scene, rng, level, category, px):
     return rotated.astype(np.float32), weight
 
 
+@_painter("smudge")
+def _paint_smudge(kind, scene: _Scene, rng, level, category, px):
+    """A large patchy smear of dirt, brown, grey or blue-grey: low contrast over a wide area."""
+    image, size = scene.image, scene.image.shape[0]
+    radius = _lerp(0.12, 0.24, level) * size
+    centre = _pick_centre(rng, scene, margin=radius * 0.5)
+    outline = _blob(rng, size, centre, radius, edge_px=rng.uniform(4, 8) * px, wobble=0.5)
+    patchy = 0.5 + 0.5 * np.clip(_smooth_noise(rng, size, max(2.0, 12 * px)), -1, 1)
+    weight = outline * (0.6 + 0.4 * patchy) * scene.support
+    # dark grime, grey dust, blue-grey oil, light dust: one of the two farthest from the surface
+    dirts = np.asarray([(0.22, 0.17, 0.11), (0.45, 0.44, 0.42), (0.24, 0.27, 0.34), (0.80, 0.78, 0.74)], np.float32)
+    host = image[weight > 0.5].mean(axis=0)
+    far = np.argsort(-np.abs(dirts - host).sum(axis=1))[:2]
+    dirt = dirts[far[rng.integers(2)]]
+    return image + rng.uniform(0.25, 0.45) * (dirt - image), weight
+
+
+@_painter("discolour")
+def _paint_discolour(kind, scene: _Scene, rng, level, category, px):
+    """The whole object, or a broad soft region of a texture, with one colour channel off."""
+    image, size = scene.image, scene.image.shape[0]
+    if scene.is_object:
+        weight = scene.support.copy()
+    else:
+        radius = _lerp(0.22, 0.34, level) * size
+        weight = _blob(rng, size, _pick_centre(rng, scene, margin=0), radius,
+                       edge_px=rng.uniform(8, 14) * px, wobble=0.3)
+    gain = np.ones(3, np.float32)
+    gain[rng.integers(3)] += rng.choice([-1, 1]) * _lerp(0.12, 0.25, level)
+    return image * gain, weight
+
+
+@_painter("displaced")
+def _paint_displaced(kind, scene: _Scene, rng, level, category, px):
+    """Objects: a piece of the rim slid along the outline (a gap where it was, an overlap where it
+    is); textures: a patch of the texture itself copied from a place nearby, out of phase."""
+    image, size = scene.image, scene.image.shape[0]
+    if scene.is_object:
+        radius = _lerp(0.07, 0.12, level) * size
+        rim = np.argwhere((scene.outline > 0.3) & (scene.outline < 0.7))
+        y, x = rim[rng.integers(len(rim))]
+        centre_y, centre_x = np.argwhere(scene.support > 0.5).mean(axis=0)
+        radial = np.array([y - centre_y, x - centre_x], np.float64)
+        tangent = np.array([-radial[1], radial[0]]) / max(np.hypot(*radial), 1e-6)
+        shift = np.round(tangent * rng.choice([-1, 1]) * _lerp(0.05, 0.09, level) * size).astype(int)
+        piece = _blob(rng, size, (float(y), float(x)), radius, edge_px=1.0, wobble=0.25) * scene.outline
+        moved_piece = np.roll(piece, tuple(shift), axis=(0, 1))
+        moved_image = np.roll(image, tuple(shift), axis=(0, 1))
+        content = moved_piece[..., None] * moved_image + (1 - moved_piece[..., None]) * scene.background
+        return content, np.maximum(piece, moved_piece)
+    radius = _lerp(0.07, 0.13, level) * size
+    centre = _pick_centre(rng, scene, margin=radius)
+    angle = rng.uniform(0, 2 * np.pi)
+    distance = rng.uniform(0.1, 0.25) * size
+    shift = np.round([distance * np.sin(angle), distance * np.cos(angle)]).astype(int)
+    content = np.roll(image, tuple(shift), axis=(0, 1))
+    return content, _blob(rng, size, centre, radius, edge_px=1.0, wobble=0.3)
+
+
+@_painter("pits")
+def _paint_pits(kind, scene: _Scene, rng, level, category, px):
+    """A cluster of small dark pits, each a tiny wobbly disc."""
+    image, size = scene.image, scene.image.shape[0]
+    spread = _lerp(0.04, 0.10, level) * size
+    centre = np.asarray(_pick_centre(rng, scene, margin=spread))
+    weight = np.zeros((size, size), np.float32)
+    for _ in range(rng.integers(5, 15)):
+        offset = rng.normal(0, spread / 2, 2).clip(-spread, spread)
+        pit = _blob(rng, size, tuple(centre + offset), rng.uniform(0.012, 0.025) * size, edge_px=1.0, wobble=0.15)
+        np.maximum(weight, pit, out=weight)
+    return image * 0.25, weight * scene.support
+
+
 def _defect(
     kind: str, scene: _Scene, rng: np.random.Generator, level: float, category: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -622,9 +798,10 @@ def _resolve_categories(categories: str | Sequence[str] | None) -> list[str]:
         categories = BUILTIN_CATEGORIES
     elif isinstance(categories, str):
         categories = [categories]
-    unknown = [c for c in categories if c not in BUILTIN_CATEGORIES]
+    known = BUILTIN_CATEGORIES + DEVELOPMENT_CATEGORIES
+    unknown = [c for c in categories if c not in known]
     if unknown:
-        raise ValueError(f"unknown built-in categories {unknown}; choose from {list(BUILTIN_CATEGORIES)}")
+        raise ValueError(f"unknown built-in categories {unknown}; choose from {list(known)}")
     return list(dict.fromkeys(categories))
 
 
@@ -716,3 +893,22 @@ def make_builtin_dataset(
             shutil.rmtree(folder)
         staging.rename(folder)
     return root
+
+
+DEVELOPMENT_SEED = 1
+
+
+def make_development_dataset(root: str | Path, seed: int = DEVELOPMENT_SEED, image_size: int = 256,
+                             n_train: int = 60, n_test_good: int = 24, n_test_per_defect: int = 8) -> Path:
+    """Write (or find) the development set under ``root``: ``DEVELOPMENT_CATEGORIES`` (a photographed
+    coin, a tissue texture), drawn with ``seed`` by the built-in painter, with every defect kind.
+
+    Settings are chosen here: other source photographs *and* another seed than the test categories
+    (seed 0), so that a choice cannot fit the reported images; the cross-check painter
+    (:mod:`diffad.data.crosscheck`) stays untouched by any choice. Twice the test images of the
+    built-in data per kind and three times the good ones: a choice among many settings needs them.
+    """
+    if seed == 0:
+        raise ValueError("the development set needs a seed other than 0, the test data's")
+    return make_builtin_dataset(root, seed=seed, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
+                                n_test_per_defect=n_test_per_defect, categories=DEVELOPMENT_CATEGORIES)

@@ -1,8 +1,8 @@
 """A cross-check test set: the built-in categories with defects made by a second, independent painter.
 
-Why: the cpu preset's scoring settings were chosen on a development copy of the built-in data
-(another seed, the same defect painter). A result that holds only for that painter's defects
-says little. :func:`make_crosscheck_dataset` writes, in the MVTec-AD layout, each built-in
+Why: the cpu preset's scoring settings are chosen on the development set (other photographs,
+another seed, but the built-in painter's defects: :func:`diffad.data.make_development_dataset`).
+A result that holds only for that painter's defects says little. :func:`make_crosscheck_dataset` writes, in the MVTec-AD layout, each built-in
 category with
 
 * ``train/good``: the built-in training images of ``train_seed`` (byte for byte the images the
