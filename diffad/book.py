@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from diffad.data import download_mvtec, list_categories, make_builtin_dataset
+from diffad.data import download_mvtec, list_categories, make_builtin_dataset, make_development_dataset
 from diffad.evaluate import CategoryData, score_category
 from diffad.io import cache_dir
 from diffad.presets import Preset, fingerprint, get_preset, training_differences, training_fingerprint
@@ -101,6 +101,13 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
             data_root = make_builtin_dataset(cache / "builtin", seed=0, image_size=BUILTIN_IMAGE_SIZE)
     data_root = Path(data_root)
     return Context(preset, pick_device(device), data_root, list_categories(data_root), cache)
+
+
+def development(ctx: Context) -> Context:
+    """The chapter's context on the development set (``data.make_development_dataset``: other
+    photographs, another seed), written once under the cache: where settings are chosen."""
+    root = make_development_dataset(ctx.cache / "development", image_size=BUILTIN_IMAGE_SIZE)
+    return dataclasses.replace(ctx, data_root=root, categories=list_categories(root))
 
 
 def _run_name(preset: Preset, categories: list[str]) -> str:

@@ -1,7 +1,9 @@
-"""Command line: ``python -m diffad train | evaluate | reproduce | plan | builtin``.
+"""Command line: ``python -m diffad train | evaluate | reproduce | tune | plan | builtin``.
 
     python -m diffad builtin data/builtin
     python -m diffad builtin data/crosscheck --crosscheck
+    python -m diffad builtin data/development --development
+    python -m diffad tune --data-root data/development --out runs/development
     python -m diffad plan --preset paper --gpu-memory 15 --compute-capability 7.5
     python -m diffad train --data-root data/builtin --category brick --out runs/brick
     python -m diffad evaluate --data-root data/builtin --category brick --model runs/brick
@@ -62,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crosscheck", action="store_true",
                    help="the cross-check test set instead: the same training images, new normal test images "
                         "and defects from a second, independent painter (diffad.data.crosscheck; seed default 2)")
+    p.add_argument("--development", action="store_true",
+                   help="the development set instead: two categories of other photographs (coin, tissue), "
+                        "where settings are chosen (diffad.data.make_development_dataset; seed default 1)")
+
+    p = sub.add_parser("tune", help="choose the scoring settings on a development set: train or load one model "
+                                     "per category, score once, sweep diffad.tuning.SCORING_GRID, print the choice")
+    common(p)
+    p.add_argument("--out", required=True, type=Path, help="models, sweep.csv and chosen.json go here")
+    p.add_argument("--category", action="append", default=None, help="default: every category under --data-root")
 
     p = sub.add_parser("plan", help="how training would run on a GPU (this one, or one described): precision, "
                                      "gradient checkpointing, EMA, estimated peak memory and time")
@@ -103,9 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "builtin":
         from diffad.data import make_builtin_dataset, make_crosscheck_dataset
 
+        if args.crosscheck and args.development:
+            raise SystemExit("diffad builtin: choose one of --crosscheck and --development")
         if args.crosscheck:
             seed = 2 if args.seed == 0 else args.seed
             print(make_crosscheck_dataset(args.root, seed=seed, image_size=args.image_size))
+        elif args.development:
+            from diffad.data import make_development_dataset
+
+            seed = 1 if args.seed == 0 else args.seed
+            print(make_development_dataset(args.root, seed=seed, image_size=args.image_size))
         else:
             print(make_builtin_dataset(args.root, seed=args.seed, image_size=args.image_size))
         return 0
@@ -140,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['category']:<12} {r['method']:<9} pixel AUROC {r['pixel_auroc']:.3f}  "
                       f"PRO {r['pro']:.3f}  image AUROC {r['image_auroc']:.3f}")
             write_results_csv(rows, args.model / "results.csv")
+        elif args.command == "tune":
+            from diffad.tuning import tune
+
+            chosen, _ = tune(args.data_root, args.out, args.preset or "cpu", args.category, device=args.device,
+                             **overrides)
+            print((args.out / "chosen.json").read_text())
         elif args.command == "reproduce":
             from diffad.evaluate import reproduce
 
