@@ -373,3 +373,35 @@ def mask_fragments(data_root, category: str, size: int) -> list[dict]:
     return [{"defect_type": kind, "images": len(values),
              **{rule: float(np.mean([v[j] for v in values])) for j, rule in enumerate(MASK_DOWNSAMPLING)}}
             for kind, values in counts.items()]
+
+
+def head_against_template(model: TrainedModel, train_images: torch.Tensor, groups: dict[str, torch.Tensor],
+                          t_index: int, category: str | None = None, seed: int = 0, extractor=None) -> list[dict]:
+    """What the feature head knows beyond an average normal image, per group of images.
+
+    The *template* is the mean target of ``train_images`` at each grid position: a head that
+    learned nothing but it would score every image by its distance to an average normal image.
+    For each named group of images, the mean squared error (standardised features, as the head
+    is trained) of the head's prediction from x_t (:func:`feature_prediction`) and of the template,
+    and ``head / template``: below 1 where the head predicts better than the template.
+    """
+    extractor = extractor if extractor is not None else build_feature_extractor(
+        model.preset, next(model.unet.parameters()).device)
+    target, _, _ = feature_prediction(model, train_images, t_index, category, seed, extractor)
+    template = target.mean(dim=0, keepdim=True)
+    rows = []
+    for name, images in groups.items():
+        target, predicted, _ = feature_prediction(model, images, t_index, category, seed, extractor)
+        head = float((predicted - target).pow(2).mean())
+        average = float((template - target).pow(2).mean())
+        rows.append({"images": name, "count": len(images), "head": head, "template": average,
+                     "head / template": head / average})
+    return rows
+
+
+def timestep_correlation(raw, kind: str) -> np.ndarray:
+    """Pearson correlation of one map type's raw maps between every pair of scored timesteps
+    (all images and pixels pooled): near 1 where the map does not change with the noise level."""
+    maps = raw.get(kind)
+    flat = maps.transpose(0, 1).reshape(maps.shape[1], -1).double()
+    return torch.corrcoef(flat).numpy()

@@ -276,3 +276,34 @@ def test_mask_rule_effect_rescores_saved_maps_under_both_rules(tmp_path):
     np.savez(tmp_path / "out" / "toy" / "maps.npz", masks=~masks, perfect=masks.astype(float))
     with pytest.raises(ValueError, match="other data"):
         mask_rule_effect(tmp_path / "data", tmp_path / "out", ["toy"], ["perfect"])
+
+
+def test_head_against_template_compares_two_predictions_of_the_same_targets(model):
+    generator = torch.Generator().manual_seed(6)
+    train = torch.rand(5, 3, SIZE, SIZE, generator=generator)
+    test = torch.rand(3, 3, SIZE, SIZE, generator=generator)
+    extractor = PooledFeatures()
+    rows = analysis.head_against_template(model, train, {"train": train, "test": test}, 7, seed=2,
+                                          extractor=extractor)
+    assert [r["images"] for r in rows] == ["train", "test"] and [r["count"] for r in rows] == [5, 3]
+    train_target, train_predicted, _ = analysis.feature_prediction(model, train, 7, seed=2, extractor=extractor)
+    template = train_target.mean(dim=0, keepdim=True)
+    # on the training images the template's error is the targets' spread around their mean
+    assert rows[0]["template"] == pytest.approx(float(train_target.var(dim=0, unbiased=False).mean()), rel=1e-5)
+    assert rows[0]["head"] == pytest.approx(float((train_predicted - train_target).pow(2).mean()), rel=1e-5)
+    test_target, _, _ = analysis.feature_prediction(model, test, 7, seed=2, extractor=extractor)
+    assert rows[1]["template"] == pytest.approx(float((template - test_target).pow(2).mean()), rel=1e-5)
+    for row in rows:
+        assert row["head / template"] == pytest.approx(row["head"] / row["template"])
+
+
+def test_timestep_correlation_is_one_for_a_map_that_ignores_the_noise_level():
+    from diffad.scoring import RawMaps
+
+    generator = torch.Generator().manual_seed(0)
+    same = torch.rand(4, 1, 8, 8, generator=generator).expand(4, 3, 8, 8).clone()
+    independent = torch.rand(4, 3, 8, 8, generator=generator)
+    raw = RawMaps((5, 10, 20), independent, independent, same)
+    assert np.allclose(analysis.timestep_correlation(raw, "feature"), 1.0)
+    kl = analysis.timestep_correlation(raw, "kl")
+    assert kl.shape == (3, 3) and np.allclose(np.diag(kl), 1.0) and abs(kl[0, 2]) < 0.3
