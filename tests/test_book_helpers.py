@@ -44,7 +44,14 @@ def test_trained_once_then_served_from_the_cache(ctx):
 
 
 def test_shipped_cpu_checkpoints_are_listed():
-    assert {"brick", "capsule", "grass", "gravel", "nut"} <= book.shipped_categories(get_preset("cpu"))
+    from diffad.ablations import unified_overrides
+    from diffad.data import BUILTIN_CATEGORIES, DEVELOPMENT_CATEGORIES
+
+    cpu = get_preset("cpu")
+    assert set(BUILTIN_CATEGORIES) | set(DEVELOPMENT_CATEGORIES) <= book.shipped_categories(cpu)
+    # chapter 11's unified model of every built-in category, in the order list_categories gives
+    every = sorted(BUILTIN_CATEGORIES)
+    assert book.shipped_checkpoint(cpu.replace(**unified_overrides(cpu)), every) is not None
 
 
 def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_model):

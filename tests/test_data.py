@@ -390,7 +390,9 @@ def test_builtin_is_readable_with_exact_masks(builtin_root):
         per_image = masks.flatten(1).sum(1)
         assert torch.all(per_image[labels == 0] == 0)
         assert torch.all(per_image[labels == 1] >= 4)
-        assert torch.all(per_image[labels == 1] < 0.5 * 64 * 64)  # defects are local
+        local = torch.tensor([s.defect_type not in ("good", "discolour") for s in test.samples])
+        assert torch.all(per_image[local] < 0.5 * 64 * 64)  # defects are local
+        assert torch.all(per_image[labels == 1] < 0.8 * 64 * 64)  # but a discoloured object may fill most
         train = MVTecAD(builtin_root, category, "train", image_size=64, val_fraction=0)
         assert len(train) == 3 and train.labels == [0, 0, 0]
 

@@ -8,8 +8,9 @@
 * :func:`download_mvtec` fetches the official 5 GB archive (resumable, verified) and
   extracts the categories asked for.
 * :func:`make_builtin_dataset` writes a small dataset in the same layout offline, in
-  seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel) and two
-  drawn objects (nut, capsule), each with thirteen defect kinds, six of them low-contrast.
+  seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel), two
+  drawn objects (nut, capsule) and two photographed ones (cup, retina), each with thirteen
+  defect kinds, six of them low-contrast.
 * :func:`make_development_dataset` writes the development categories (a photographed coin, a
   tissue texture: other photographs, another seed) on which settings are chosen.
 * :func:`make_crosscheck_dataset` writes the same categories (the same training images) with

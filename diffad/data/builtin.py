@@ -22,12 +22,20 @@ flip), resized to ``image_size`` (PIL bilinear, antialiased), with a small brigh
 (+-0.03) and contrast (x0.93-1.07) jitter, then mapped through a dark-to-light colour ramp so
 that the images have three real colour channels.
 
-Objects, drawn procedurally with numpy (our own code, same licence as diffad):
+Objects, two drawn procedurally with numpy (our own code, same licence as diffad):
 
 * ``nut``     -- a machined hexagonal metal nut with a chamfer, a threaded bore, turning
   marks and a soft drop shadow, on a light-grey table;
 * ``capsule`` -- a two-tone (red / ivory) medicine capsule with cylindrical shading, a
-  specular highlight and a seam, on a blue-grey table.
+  specular highlight and a seam, on a blue-grey table;
+
+and two from real colour photographs bundled with scikit-image (CC0), warped with the pose change
+below (the photographed table moves with the object) and relit:
+
+* ``cup``    -- ``skimage.data.coffee()``: an espresso cup with a spoon on a saucer, on wood
+  (the object: the saucer's and the cup's outlines, two ellipses);
+* ``retina`` -- ``skimage.data.retina()``: a fundus photograph, a red disc with vessels and
+  the optic disc, on black.
 
 Every object image has a small random pose and lighting change: shift up to 3 % of the
 image, rotation up to 4 degrees, scale +-2 %, light direction +-10 degrees, brightness +-4 %,
@@ -118,7 +126,7 @@ __all__ = [
 ]
 
 BUILTIN_TEXTURES = ("brick", "grass", "gravel")
-BUILTIN_OBJECTS = ("nut", "capsule")
+BUILTIN_OBJECTS = ("nut", "capsule", "cup", "retina")
 BUILTIN_CATEGORIES = BUILTIN_TEXTURES + BUILTIN_OBJECTS
 # Development categories: other source photographs than every test category, for choosing
 # settings (``make_development_dataset``); never part of a reported table.
@@ -159,9 +167,9 @@ _PALETTES = {
 # Where foreign and matched patches come from: another photograph than the category's own (the
 # development categories draw on photographs that no test category uses).
 _FOREIGN_SOURCE = {"brick": "gravel", "grass": "brick", "gravel": "grass", "nut": "grass", "capsule": "gravel",
-                   "coin": "moon", "tissue": "camera"}
+                   "cup": "gravel", "retina": "grass", "coin": "moon", "tissue": "camera"}
 _MATCHED_SOURCE = {"brick": "gravel", "grass": "gravel", "gravel": "brick", "nut": "gravel", "capsule": "grass",
-                   "coin": "camera", "tissue": "moon"}
+                   "cup": "grass", "retina": "gravel", "coin": "camera", "tissue": "moon"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -464,12 +472,62 @@ def _tissue_scene(rng: np.random.Generator, size: int) -> _Scene:
     return _Scene(np.clip(image, 0, 1).astype(np.float32), ones, ones, None, False, 0.0)
 
 
+@lru_cache(maxsize=None)
+def _photo(name: str, longest: int) -> np.ndarray:
+    """A colour scikit-image photograph as float32 HxWx3 in [0, 1], its longer side brought to
+    ``longest`` pixels (antialiased), so that warping it costs little."""
+    image = _colour_source(name)
+    scale = longest / max(image.size)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    return np.asarray(image, np.float32) / 255.0
+
+
+def _ellipse_distance(ys, xs, box: tuple[float, float, float, float]) -> np.ndarray:
+    """Approximate signed distance (source pixels, negative inside) to the ellipse inscribed in
+    ``box`` = (top, left, bottom, right)."""
+    top, left, bottom, right = box
+    cy, cx, ry, rx = (top + bottom) / 2, (left + right) / 2, (bottom - top) / 2, (right - left) / 2
+    return (np.hypot((ys - cy) / ry, (xs - cx) / rx) - 1) * min(ry, rx)
+
+
+# Real photographs of objects (CC0, bundled with scikit-image): the photograph, its longer side
+# after downsampling, the crop's centre (y, x) and half side at that size, the object's outline as
+# ellipses (top, left, bottom, right) in the same pixels, and the colour of the table beneath.
+_PHOTO_OBJECTS = {
+    "cup": ("coffee", 600, (203.0, 277.0), 197.0,
+            ((72.0, 72.0, 398.0, 482.0), (15.0, 170.0, 270.0, 410.0)), (0.42, 0.24, 0.12)),
+    "retina": ("retina", 512, (256.0, 256.0), 256.0, ((12.0, 12.0, 500.0, 500.0),), (0.02, 0.02, 0.02)),
+}
+
+
+def _photo_object_scene(category: str, rng: np.random.Generator, size: int) -> _Scene:
+    """A photographed object (``_PHOTO_OBJECTS``), warped with the objects' small pose change and
+    lit with their brightness change and a soft gradient: the table in the photograph moves with it."""
+    from scipy.ndimage import map_coordinates
+
+    name, longest, (cy, cx), half_side, ellipses, table_colour = _PHOTO_OBJECTS[category]
+    photo = _photo(name, longest)
+    pose = _pose(rng, size)
+    u, v, unit = _object_frame(size, pose)
+    ys, xs = cy + v * half_side, cx + u * half_side
+    image = np.stack([map_coordinates(photo[..., c], [ys, xs], order=1, mode="nearest") for c in range(3)], -1)
+    light = pose["light"] - pose["angle"]
+    image = image * (pose["gain"] * (1 + 0.05 * (u * np.cos(light) + v * np.sin(light))))[..., None]
+    distance = np.min([_ellipse_distance(ys, xs, box) for box in ellipses], axis=0)
+    support = _coverage(distance * unit / half_side).astype(np.float32)
+    table = _table(size, table_colour, rng)
+    return _Scene(np.clip(image, 0, 1).astype(np.float32), support, support, table.astype(np.float32), True, 0.01)
+
+
 _SCENES: dict[str, Callable[[np.random.Generator, int], _Scene]] = {
     "brick": lambda rng, size: _texture_scene("brick", rng, size),
     "grass": lambda rng, size: _texture_scene("grass", rng, size),
     "gravel": lambda rng, size: _texture_scene("gravel", rng, size),
     "nut": _nut_scene,
     "capsule": _capsule_scene,
+    "cup": lambda rng, size: _photo_object_scene("cup", rng, size),
+    "retina": lambda rng, size: _photo_object_scene("retina", rng, size),
     "coin": _coin_scene,
     "tissue": _tissue_scene,
 }
