@@ -216,3 +216,14 @@ def test_matched_unified_model_trains_each_category_as_long_as_its_own_model():
         "class_cond": True, "train_steps": 600, "lr_anneal_steps": 600}
     both = ablations.matched_unified_overrides("cpu", ["brick", "grass"])  # grass trains 600 alone
     assert both["train_steps"] == 800
+
+
+def test_matched_categories_skip_lengthened_ones_and_keep_the_cpu_study():
+    from diffad.ablations import matched_categories
+
+    cpu = get_preset("cpu")
+    every = ["brick", "capsule", "cup", "grass", "gravel", "nut", "retina"]
+    assert matched_categories(cpu, every) == ["brick", "capsule", "nut"]
+    assert matched_categories(cpu, ["nut", "grass"]) == ["nut"]
+    other = cpu.replace(name="mine")
+    assert matched_categories(other, every) == ["brick", "capsule", "cup", "nut", "retina"]
