@@ -50,22 +50,28 @@ def _metric_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, grid: 
         normalizer = Normalizer.fit(raw_val, sigma)
         maps = {n: {kind: normalized(raw_test, kind, n, normalizer, sigma) for kind in ("kl", "feature")}
                 for n in set(grid["normalization"]) | set(grid["image_normalization"])}
+        image_points = list(itertools.product(grid["image_normalization"], grid["top_k"]))
+        # the branches alone do not depend on alpha: their image AUROC once per (normalization, top_k)
+        alone_image = {(n, k): {m: image_auroc(labels, image_scores(maps[n][m], k)) for m in methods if m != "ensemble"}
+                       for n, k in image_points}
         for normalization in grid["normalization"]:
             branch = maps[normalization]
             alone = {m: (pixel_auroc(masks, branch[m]), pro(masks, branch[m])) for m in methods if m != "ensemble"}
             for alpha in grid["alpha"]:
                 ensemble = alpha * branch["kl"] + (1 - alpha) * branch["feature"]
                 pixel = {**alone, "ensemble": (pixel_auroc(masks, ensemble), pro(masks, ensemble))}
-                for image_normalization, top_k in itertools.product(grid["image_normalization"], grid["top_k"]):
-                    image = maps[image_normalization]
-                    image_maps = {"kl": image["kl"], "feature": image["feature"],
-                                  "ensemble": alpha * image["kl"] + (1 - alpha) * image["feature"]}
+                for image_normalization, top_k in image_points:
+                    image = dict(alone_image[image_normalization, top_k])
+                    if "ensemble" in methods:
+                        both = maps[image_normalization]
+                        image["ensemble"] = image_auroc(
+                            labels, image_scores(alpha * both["kl"] + (1 - alpha) * both["feature"], top_k))
                     for method in methods:
                         rows.append({"alpha": alpha, "normalization": normalization,
                                      "image_normalization": image_normalization, "smoothing_sigma": sigma,
                                      "top_k": top_k, "category": data.category, "method": method,
                                      "pixel_auroc": pixel[method][0], "pro": pixel[method][1],
-                                     "image_auroc": image_auroc(labels, image_scores(image_maps[method], top_k))})
+                                     "image_auroc": image[method]})
     return rows
 
 
@@ -108,10 +114,14 @@ def ranked(rows: list[dict], method: str = SELECTION_METHOD) -> list[dict]:
     return sorted(out, key=lambda r: r["score"], reverse=True)
 
 
+def _settings(point: dict) -> dict:
+    """The ``SCORING_GRID`` fields of a grid point (a row of :func:`ranked`)."""
+    return {k: v for k, v in point.items() if k in SCORING_GRID}
+
+
 def choose(rows: list[dict], method: str = SELECTION_METHOD) -> dict:
     """The settings of the best grid point (ties: the first in grid order)."""
-    best = ranked(rows, method)[0]
-    return {k: v for k, v in best.items() if k in SCORING_GRID}
+    return _settings(ranked(rows, method)[0])
 
 
 def setting_effects(rows: list[dict], chosen: dict, method: str = SELECTION_METHOD) -> list[dict]:
@@ -124,11 +134,6 @@ def setting_effects(rows: list[dict], chosen: dict, method: str = SELECTION_METH
             out.append({"setting": name, "value": row[name], "score": row["score"],
                         **{m: row[m] for m in SELECTION_METRICS}})
     return out
-
-
-def preset_with(preset: Preset, chosen: dict) -> Preset:
-    """``preset`` with the chosen scoring settings."""
-    return preset.replace(**chosen)
 
 
 def preset_point(preset: Preset) -> dict:
@@ -161,13 +166,13 @@ def tune(data_root, out, preset: str | Preset = "cpu", categories: list[str] | N
         data = CategoryData.load(data_root, category, model.preset)
         datasets.append((data, *score_category(model, data, device=device)))
     rows = sweep(datasets, grid)
-    chosen = choose(rows)
+    best = ranked(rows)[0]
+    chosen = _settings(best)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    best = ranked(rows)[0]
     (out / "chosen.json").write_text(json.dumps(
         {"chosen": chosen, "preset": base.name, "preset_point": preset_point(base),
          "score": best["score"], "metrics": {m: best[m] for m in SELECTION_METRICS}, "categories": categories},
