@@ -314,6 +314,12 @@ def _pose(rng: np.random.Generator, size: int):
     )
 
 
+def _light_gradient(pose: dict, u: np.ndarray, v: np.ndarray, strength: float = 0.05) -> np.ndarray:
+    """A soft linear brightening towards the light, for relighting a photographed object."""
+    light = pose["light"] - pose["angle"]
+    return 1 + strength * (u * np.cos(light) + v * np.sin(light))
+
+
 def _object_frame(size: int, pose: dict) -> tuple[np.ndarray, np.ndarray, float]:
     """Object-frame coordinates (u, v) in units of half the image side, and pixels per unit."""
     ys, xs = _grid(size)
@@ -438,8 +444,8 @@ def _coin_scene(rng: np.random.Generator, size: int) -> _Scene:
     coords = [cy + v * radius / coin_radius, cx + u * radius / coin_radius]
     metal = map_coordinates(grey, coords, order=3, mode="nearest")
     coverage = _coverage((np.hypot(u, v) - coin_radius) * unit)
+    metal = metal * pose["gain"] * _light_gradient(pose, u, v)
     light = pose["light"] - pose["angle"]
-    metal = metal * pose["gain"] * (1 + 0.05 * (u * np.cos(light) + v * np.sin(light)))
     coin = _colourise(np.clip(metal, 0, 1), "coin")
     lit_table = _table(size, (0.20, 0.21, 0.23), rng)
     shadow = np.clip(0.5 - (np.hypot(u + 0.03 * np.cos(light), v + 0.03 * np.sin(light)) - coin_radius) / 0.06, 0, 1)
@@ -512,8 +518,7 @@ def _photo_object_scene(category: str, rng: np.random.Generator, size: int) -> _
     u, v, unit = _object_frame(size, pose)
     ys, xs = cy + v * half_side, cx + u * half_side
     image = np.stack([map_coordinates(photo[..., c], [ys, xs], order=1, mode="nearest") for c in range(3)], -1)
-    light = pose["light"] - pose["angle"]
-    image = image * (pose["gain"] * (1 + 0.05 * (u * np.cos(light) + v * np.sin(light))))[..., None]
+    image = image * (pose["gain"] * _light_gradient(pose, u, v))[..., None]
     distance = np.min([_ellipse_distance(ys, xs, box) for box in ellipses], axis=0)
     support = _coverage(distance * unit / half_side).astype(np.float32)
     table = _table(size, table_colour, rng)
