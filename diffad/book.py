@@ -177,6 +177,15 @@ def variant_model(ctx: Context, categories: str | list[str], allow_training: boo
         return None
 
 
+def variant_study(ctx: Context) -> Context:
+    """``ctx`` with the training schedule of the variant studies (seeds, the authors' training
+    choices; ``ablations.variant_study_preset``): pass it to :func:`variant_model`, and take the
+    base model to compare with from it too."""
+    from diffad.ablations import variant_study_preset
+
+    return dataclasses.replace(ctx, preset=variant_study_preset(ctx.preset))
+
+
 def shipped_categories(preset: Preset) -> set[str]:
     """Categories with a shipped single-category checkpoint for ``preset``."""
     names = {p.stem[len(preset.name) + 1:].split("-")[0] for p in SHIPPED.glob(f"{preset.name}-*.pt")}

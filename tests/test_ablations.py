@@ -20,7 +20,7 @@ def test_unified_overrides_are_class_conditional_and_longer():
     assert overrides["class_cond"] and overrides["train_steps"] == 2 * cpu.train_steps
     assert ablations.unified_overrides(get_preset("paper"))["train_steps"] == 20_000
     overrides["train_steps"] = 1  # a copy: the table itself is unchanged
-    assert ablations.UNIFIED_TRAINING["cpu"]["train_steps"] == 400
+    assert ablations.UNIFIED_TRAINING["cpu"]["train_steps"] == 1200
     with pytest.raises(ValueError, match="nope"):
         ablations.unified_overrides("nope")
 
@@ -213,9 +213,10 @@ def test_authors_training_rows_score_each_variant_beside_the_base(tiny_model, ti
 def test_matched_unified_model_trains_each_category_as_long_as_its_own_model():
     cpu = get_preset("cpu")
     assert ablations.matched_unified_overrides(cpu, ["brick", "capsule", "nut"]) == {
-        "class_cond": True, "train_steps": 600, "lr_anneal_steps": 600}
-    both = ablations.matched_unified_overrides("cpu", ["brick", "grass"])  # grass trains 600 alone
-    assert both["train_steps"] == 800
+        "class_cond": True, "train_steps": 1800, "lr_anneal_steps": 1800}
+    longer = cpu.replace(category_overrides={"grass": {"train_steps": 1000, "lr_anneal_steps": 1000}})
+    both = ablations.matched_unified_overrides(longer, ["brick", "grass"])  # grass trains 1000 alone
+    assert both["train_steps"] == 1600
 
 
 def test_matched_categories_skip_lengthened_ones_and_keep_the_cpu_study():
@@ -224,6 +225,15 @@ def test_matched_categories_skip_lengthened_ones_and_keep_the_cpu_study():
     cpu = get_preset("cpu")
     every = ["brick", "capsule", "cup", "grass", "gravel", "nut", "retina"]
     assert matched_categories(cpu, every) == ["brick", "capsule", "nut"]
-    assert matched_categories(cpu, ["nut", "grass"]) == ["nut"]
+    longer = cpu.replace(category_overrides={"nut": {"train_steps": 1000, "lr_anneal_steps": 1000}})
+    assert matched_categories(longer, ["nut", "grass", "brick"]) == ["brick"]
     other = cpu.replace(name="mine")
-    assert matched_categories(other, every) == ["brick", "capsule", "cup", "nut", "retina"]
+    assert matched_categories(other, every) == every
+    assert matched_categories(other.replace(category_overrides=longer.category_overrides), ["nut", "cup"]) == ["cup"]
+
+
+def test_variant_studies_train_the_cpu_preset_shorter_and_other_presets_as_they_are():
+    cpu = get_preset("cpu")
+    study = ablations.variant_study_preset(cpu)
+    assert (study.train_steps, study.lr_anneal_steps) == (200, 200) and cpu.train_steps == 600
+    assert ablations.variant_study_preset(get_preset("paper")) == get_preset("paper")

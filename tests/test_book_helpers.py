@@ -103,20 +103,37 @@ def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp
 
 
 @pytest.mark.parametrize("categories, fields", [
+    (["brick"], {}), (["nut"], {}),
     (["brick"], {"seed": 1}), (["brick"], {"seed": 2}), (["nut"], {"seed": 1}), (["nut"], {"seed": 2}),
-    (["brick"], {"grad_clip": None}), (["nut"], {"ema_warmup": False}),
+    (["brick"], {"grad_clip": None}), (["nut"], {"ema_warmup": False}), (["nut"], {"image_resize": "authors"}),
     (["brick", "capsule", "nut"], "matched"),
 ])
 def test_the_variants_the_chapters_read_are_shipped(categories, fields):
-    """Chapter 10's seeds, chapter 11's compute-matched unified model and chapter 13's authors'
-    choices ship, each under the fingerprint of the training fields it records."""
-    from diffad.ablations import matched_unified_overrides
+    """Chapter 10's seeds and chapter 13's authors' choices (with their 200-step base, the variant
+    studies' schedule) and chapter 11's compute-matched unified model ship, each under the
+    fingerprint of the training fields it records."""
+    from diffad.ablations import matched_unified_overrides, variant_study_preset
     from diffad.presets import training_fingerprint
 
     cpu = get_preset("cpu")
     if fields == "matched":
         fields = matched_unified_overrides(cpu, categories)
+    else:
+        cpu = variant_study_preset(cpu)
     wanted = cpu.replace(**fields).for_categories(categories)
     path = book.shipped_checkpoint(wanted, categories)
     assert path is not None, f"no shipped cpu model for {categories} with {fields}"
     assert path.stem.endswith(training_fingerprint(wanted))
+
+
+def test_variant_study_context_keeps_the_data_and_shortens_only_the_cpu_schedule(tiny_builtin, tmp_path):
+    cpu = book.setup("cpu", data_root=tiny_builtin, cache=tmp_path / "cache", device="cpu")
+    study = book.variant_study(cpu)
+    assert (study.preset.train_steps, study.preset.lr_anneal_steps) == (200, 200)
+    assert study.preset.replace(train_steps=600, lr_anneal_steps=600) == cpu.preset
+    assert (study.data_root, study.cache, study.categories) == (cpu.data_root, cpu.cache, cpu.categories)
+    # its base model is the shipped 200-step one, not the preset's own 600-step model
+    assert book.shipped_checkpoint(study.preset, ["brick"]).name == "cpu-brick-37425019.pt"
+    assert book.shipped_checkpoint(cpu.preset, ["brick"]).name == "cpu-brick.pt"
+    paper = book.setup("paper", data_root=tiny_builtin, cache=tmp_path / "cache", device="cpu")
+    assert book.variant_study(paper).preset == paper.preset

@@ -39,16 +39,20 @@ def test_category_overrides_apply_to_that_category_alone():
         get_preset("cpu", category_overrides={"grass": {"name": "x"}}).for_categories("grass")
 
 
-def test_cpu_preset_trains_the_random_textures_longer():
+def test_cpu_preset_trains_every_category_as_long_and_keeps_the_shipped_texture_models():
     from diffad.presets import training_differences, training_fingerprint
 
     cpu = get_preset("cpu")
-    for texture in ("grass", "gravel"):
-        assert cpu.for_categories(texture).train_steps == cpu.for_categories(texture).lr_anneal_steps == 600
-    assert training_differences(cpu.for_categories("grass"), cpu) == ["train_steps", "lr_anneal_steps"]
-    assert training_fingerprint(cpu.for_categories("grass")) != training_fingerprint(cpu)
+    assert cpu.train_steps == cpu.lr_anneal_steps == 600 and not cpu.category_overrides
+    for category in ("brick", "grass", "nut"):
+        assert cpu.for_categories(category) is cpu
+    # the grass and gravel models of the former overrides (600 steps) are the preset's own now
+    former = cpu.replace(train_steps=200, lr_anneal_steps=200,
+                         category_overrides={"grass": {"train_steps": 600, "lr_anneal_steps": 600}})
+    assert not training_differences(former.for_categories("grass"), cpu)
+    assert training_differences(former.for_categories("brick"), cpu) == ["train_steps", "lr_anneal_steps"]
     # scoring fields and the overrides table itself never change the fingerprint
-    assert training_fingerprint(cpu.replace(alpha=0.1, category_overrides={})) == training_fingerprint(cpu)
+    assert training_fingerprint(cpu.replace(alpha=0.1, category_overrides={"x": {}})) == training_fingerprint(cpu)
 
 
 def test_every_cpu_departure_from_the_paper_has_a_recorded_reason():
@@ -59,4 +63,4 @@ def test_every_cpu_departure_from_the_paper_has_a_recorded_reason():
         [r["field"] for r in rows if not r["why"]]
     assert {r["field"] for r in rows} == set(CPU_DEPARTURES)  # no stale reason either
     changed = departures(CPU.replace(alpha=0.5), CPU)
-    assert [(r["field"], r["reference"], r["preset"], r["why"]) for r in changed] == [("alpha", 0.9, 0.5, "")]
+    assert [(r["field"], r["reference"], r["preset"], r["why"]) for r in changed] == [("alpha", CPU.alpha, 0.5, "")]
