@@ -262,7 +262,7 @@ CPU_DEPARTURES: dict[str, tuple[str, str]] = {
     "standardize_features": ("dev", "raw features made the feature loss ~20x the diffusion loss; the head learned little"),
     "batch_size": ("scale", "batch 16 of 64 px images, for fewer and less noisy steps on a CPU"),
     "train_steps": ("dev", "600 steps, about 8 minutes per category: at 200 the feature head had not learned objects (chapter 6)"),
-    "lr": ("scale", "1e-3: a larger rate for a schedule 50x shorter, trained from scratch"),
+    "lr": ("scale", "1e-3: a larger rate for a schedule about 17x shorter, trained from scratch"),
     "lr_anneal_steps": ("follows", "annealed over the whole (short) schedule, as the paper does"),
     "ema_rate": ("follows", "0.99 averages about the last 100 of 600 steps; 0.997 would average over half the run"),
     "max_train_timestep": ("dev", "training only on t < 300: the scored steps are all below 20"),
