@@ -74,19 +74,6 @@ def test_return_features_shape_at_quarter_resolution():
         assert features.abs().sum() > 0  # the head is not zero-initialised
 
 
-def test_a_hidden_feature_head_layer_keeps_the_tap_and_the_output():
-    """feature_head_hidden adds a 1x1 conv, GroupNorm and SiLU between the tap and the output
-    conv; the default head is the paper's three layers."""
-    plain = tiny(feature_channels=8)
-    assert len(plain.feature_head) == 3
-    model = tiny(feature_channels=8, feature_head_hidden=64).eval()
-    assert len(model.feature_head) == 6 and model.feature_block_index == plain.feature_block_index
-    assert tuple(model.feature_head[2].weight.shape) == (64, model.feature_head_in_channels, 1, 1)
-    assert tuple(model.feature_head[5].weight.shape) == (8, 64, 1, 1)
-    _, features = model(torch.randn(2, 3, 32, 32), torch.tensor([0, 10]), return_features=True)
-    assert features.shape == (2, 8, 8, 8)
-
-
 def test_class_conditioning_changes_features():
     model = randomize_zero_initialised(tiny(num_classes=5)).eval()
     x = torch.randn(1, 3, 32, 32).repeat(2, 1, 1, 1)
@@ -139,8 +126,6 @@ def test_forward_rejects_bad_input(overrides, call, message):
         ({"num_res_blocks": 0}, "num_res_blocks"),
         ({"channel_mult": "1,x"}, "comma-separated"),
         ({"bogus": 1}, "unknown UNetConfig fields"),
-        ({"feature_head_hidden": 48}, "feature_head_hidden must be"),
-        ({"feature_head_hidden": True}, "feature_head_hidden must be"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):

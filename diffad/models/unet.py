@@ -401,7 +401,6 @@ class UNetModel(nn.Module):
         use_new_attention_order: bool = False,
         use_checkpoint: bool = False,
         feature_channels: int | None = None,
-        feature_head_hidden: int | None = None,
     ):
         super().__init__()
         self.config = UNetConfig(
@@ -423,7 +422,6 @@ class UNetModel(nn.Module):
             use_new_attention_order=use_new_attention_order,
             use_checkpoint=use_checkpoint,
             feature_channels=feature_channels,
-            feature_head_hidden=feature_head_hidden,
         )  # validates every argument
         cfg = self.config
         channel_mult = cfg.channel_mult
@@ -515,12 +513,10 @@ class UNetModel(nn.Module):
 
         if feature_channels is not None:
             assert feature_block_channels is not None  # guaranteed by UNetConfig validation
-            hidden = cfg.feature_head_hidden
             self.feature_head = nn.Sequential(
                 GroupNorm32(feature_block_channels),
                 nn.SiLU(),
-                *([] if hidden is None else [nn.Conv2d(feature_block_channels, hidden, 1), GroupNorm32(hidden), nn.SiLU()]),
-                nn.Conv2d(feature_block_channels if hidden is None else hidden, feature_channels, 1),
+                nn.Conv2d(feature_block_channels, feature_channels, 1),
             )
             self.feature_head_in_channels = feature_block_channels
         else:
@@ -645,10 +641,6 @@ class UNetConfig:
     use_new_attention_order: bool = False
     use_checkpoint: bool = False
     feature_channels: int | None = None
-    # None: the paper's head (GroupNorm, SiLU, a 1x1 conv to the targets). An int puts a 1x1 conv to
-    # this many channels, GroupNorm and SiLU before it: where the tapped block is narrower than the
-    # targets (the cpu UNet: 64 channels for 192), a linear head can only reach a 64-dim subspace.
-    feature_head_hidden: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_size", "in_channels", "model_channels", "out_channels"):
@@ -708,10 +700,6 @@ class UNetConfig:
                     "the feature head reads the decoder at 1/4 resolution, which needs at least 3 levels "
                     f"in channel_mult; got {self.channel_mult}"
                 )
-        hidden = self.feature_head_hidden
-        if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1 or hidden % NORM_GROUPS):
-            raise ValueError(f"feature_head_hidden must be None or a positive multiple of {NORM_GROUPS} (GroupNorm32), "
-                             f"got {hidden!r}")
 
     @property
     def learn_sigma(self) -> bool:
