@@ -9,16 +9,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # inherited by nbval's kernels too
 # and stop them from showing figures inline.
 matplotlib.use("Agg")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Under pyproject's -n 2 each worker computes on one thread: two workers of two threads each
-    # on two cores made the unit tests twice as slow (OpenMP threads waiting on each other). The
-    # chapters' kernels are processes of their own and keep torch's default.
-    import torch
-
-    torch.set_num_threads(1)
-
 import pytest
-from tiny import TINY_OVERRIDES  # noqa: F401  (tests import it from tiny: book/ has a conftest too)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build,
+    and in one xdist group: under ``--dist loadgroup`` all chapters run in one worker, in order,
+    sharing book/cache (two chapters scoring into it at once could read a half-written file)."""
+    for item in items:
+        if str(item.fspath).endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.xdist_group("book"))
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,12 @@ def tiny_builtin(tmp_path_factory):
     root = tmp_path_factory.mktemp("builtin")
     return make_builtin_dataset(root, seed=0, image_size=32, n_train=10, n_test_good=3, n_test_per_defect=1,
                                 categories=["brick", "nut"])
+
+
+TINY_OVERRIDES = dict(
+    unet="tiny", image_size=32, batch_size=4, train_steps=6, lr_anneal_steps=6, checkpoint_every=3,
+    backbone_input_size=64, max_train_timestep=100, score_batch_size=8, val_fraction=0.2,
+)
 
 
 @pytest.fixture(scope="session")

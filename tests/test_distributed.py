@@ -23,7 +23,7 @@ from diffad import distributed
 from diffad.evaluate import read_results_csv, reproduce
 from diffad.train import CHECKPOINT_NAME, MODEL_NAME, fit
 
-from tiny import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-3

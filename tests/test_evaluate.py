@@ -18,7 +18,7 @@ from diffad.evaluate import (
 )
 from diffad.metrics import INTERVAL_COLUMNS
 
-from tiny import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES
 
 
 def test_evaluate_category_reports_every_method(tiny_model, tiny_builtin):

@@ -99,7 +99,7 @@ def test_tune_command_trains_scores_and_chooses(tmp_path, capsys):
     from diffad.cli import main
     from diffad.data import make_development_dataset
 
-    from tiny import TINY_OVERRIDES
+    from conftest import TINY_OVERRIDES
 
     with pytest.raises(SystemExit, match="one of --crosscheck and --development"):
         main(["builtin", str(tmp_path / "both"), "--crosscheck", "--development"])
