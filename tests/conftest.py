@@ -13,13 +13,10 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build,
-    and in one xdist group: under ``--dist loadgroup`` all chapters run in one worker, in order,
-    sharing book/cache (two chapters scoring into it at once could read a half-written file)."""
+    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build."""
     for item in items:
         if str(item.fspath).endswith(".ipynb"):
             item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("book"))
 
 
 @pytest.fixture(scope="session")
