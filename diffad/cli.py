@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", action="append", default=None, help="only these categories")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--intervals", type=int, default=None, metavar="N",
+                   help="bootstrap resamples of the test images behind each 95%% interval "
+                        "(default: diffad.evaluate.BOOTSTRAP_RESAMPLES; 0: no intervals, a faster run)")
     return parser
 
 
@@ -165,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
                              **overrides)
             print((args.out / "chosen.json").read_text())
         elif args.command == "reproduce":
-            from diffad.evaluate import reproduce
+            from diffad.evaluate import BOOTSTRAP_RESAMPLES, reproduce
 
             reproduce(args.data_root, args.out, args.preset or "cpu", categories=args.category,
-                      baselines=not args.no_baselines, figures=not args.no_figures, device=args.device, **overrides)
+                      baselines=not args.no_baselines, figures=not args.no_figures, device=args.device,
+                      intervals=BOOTSTRAP_RESAMPLES if args.intervals is None else args.intervals, **overrides)
             if distributed.is_main():
                 print((args.out / "table1.md").read_text())
                 print(f"results in {args.out / 'results.csv'}")

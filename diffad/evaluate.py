@@ -187,7 +187,7 @@ def evaluate_category(model: TrainedModel, data_root, category: str, baselines: 
 
 
 def complete_baselines(folder: str | Path, category: str, rows: list[dict], data_root, preset: Preset,
-                       device=None) -> list[dict]:
+                       device=None, intervals: int = BOOTSTRAP_RESAMPLES) -> list[dict]:
     """A finished category's recorded rows, with every baseline they lack run now and recorded.
 
     ``reproduce`` calls this when it resumes: a category finished before a baseline was added
@@ -201,7 +201,7 @@ def complete_baselines(folder: str | Path, category: str, rows: list[dict], data
         return rows
     preset = preset.for_categories(category)
     data = CategoryData.load(data_root, category, preset)
-    new_rows, maps, scores = baseline_rows(data, preset, device, missing, intervals=BOOTSTRAP_RESAMPLES)
+    new_rows, maps, scores = baseline_rows(data, preset, device, missing, intervals=intervals)
     saved = folder / "maps.npz"
     if saved.is_file():
         with np.load(saved) as old:
@@ -317,7 +317,7 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
 
 def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list[str] | None = None,
               baselines: bool = True, figures: bool = True, device=None, progress: bool = True,
-              model_loader=None, **overrides) -> list[dict]:
+              model_loader=None, intervals: int = BOOTSTRAP_RESAMPLES, **overrides) -> list[dict]:
     """Train (or load) and evaluate every category under ``data_root``; write the results.
 
     Models train into ``<out>/<category>/model`` unless ``model_loader(category)`` supplies them
@@ -334,7 +334,13 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
     When every rank is done, rank 0 reads every category's ``metrics.json`` and writes the
     tables, so ``out_dir`` must be one folder all ranks see (on several nodes, a shared file
     system). Rank 0 returns every row; the others their own categories' rows.
+
+    ``intervals``: bootstrap resamples of the test images behind each interval (``0``: none, no
+    ``intervals.md``; the resamples' exact PRO is most of the scoring time on a CPU). A category
+    already recorded keeps the intervals it was recorded with.
     """
+    if isinstance(intervals, bool) or not isinstance(intervals, int) or intervals < 0:
+        raise ValueError(f"intervals must be a number of bootstrap resamples >= 0 (0: none); got {intervals!r}")
     preset = get_preset(preset, **overrides)
     data_root, out_dir = Path(data_root), Path(out_dir)
     present = list_categories(data_root)
@@ -352,7 +358,7 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
         desc = f"categories of rank 0 (of {world})" if spread else "categories"
         for category in tqdm(mine, desc=desc, disable=not shown):
             all_rows += _reproduce_category(data_root, out_dir, category, preset, baselines, figures, device, shown,
-                                            model_loader)
+                                            model_loader, intervals)
             if progress and rank != 0:
                 print(f"[rank {rank}] {category} done", flush=True)
         if spread:
@@ -377,21 +383,21 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
 
 
 def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: Preset, baselines: bool,
-                        figures: bool, device, progress: bool, model_loader) -> list[dict]:
+                        figures: bool, device, progress: bool, model_loader, intervals: int) -> list[dict]:
     """One category of :func:`reproduce`: its recorded rows, or train, evaluate and record it."""
     folder = out_dir / category
     done = folder / "metrics.json"
     if done.is_file():
         recorded = json.loads(done.read_text())
         if baselines:
-            recorded = complete_baselines(folder, category, recorded, data_root, preset, device)
+            recorded = complete_baselines(folder, category, recorded, data_root, preset, device, intervals)
         return recorded
     if model_loader is not None:  # scored with the settings asked for, not those it was trained under
         model = model_loader(category).scored_as(preset.for_categories(category))
     else:
         model = fit(data_root, category, folder / "model", preset, device=device, progress=progress, ddp=False)
     result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
-                               device=device, progress=progress, intervals=BOOTSTRAP_RESAMPLES)
+                               device=device, progress=progress, intervals=intervals)
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(folder / "maps.npz", **_saved_arrays(result.maps, result.scores),
                         labels=result.extra["data"].test_labels.numpy(),

@@ -73,6 +73,21 @@ def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
         assert set(saved.files) == set(kept) | {"patchcore"} and saved["patchcore"].shape == saved["padim"].shape
 
 
+def test_reproduce_without_intervals_records_none(tiny_builtin, tmp_path):
+    """--intervals 0 skips the bootstrap: plain rows, a results.csv without interval columns, no intervals.md."""
+    sets = sum((["--set", f"{k}={v!r}"] for k, v in TINY_OVERRIDES.items()), [])
+    assert main(["reproduce", "--data-root", str(tiny_builtin), "--out", str(tmp_path), "--category", "brick",
+                 "--no-baselines", "--no-figures", "--intervals", "0"] + sets) == 0
+    rows = read_results_csv(tmp_path / "results.csv")
+    assert [r["method"] for r in rows] == ["ensemble", "kl", "rgb", "feature"]
+    with open(tmp_path / "results.csv") as handle:
+        assert tuple(next(csv.DictReader(handle)).keys()) == RESULT_COLUMNS
+    assert not (tmp_path / "intervals.md").exists() and (tmp_path / "table1.md").is_file()
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="intervals must be a number of bootstrap resamples"):
+            reproduce(tiny_builtin, tmp_path / "bad", "cpu", categories=["brick"], intervals=bad)
+
+
 def test_reproduce_names_missing_categories(tiny_builtin, tmp_path):
     with pytest.raises(ValueError, match=r"\['wood'\] not found.*present"):
         reproduce(tiny_builtin, tmp_path, "cpu", categories=["wood"], progress=False)
