@@ -178,9 +178,9 @@ def variant_model(ctx: Context, categories: str | list[str], allow_training: boo
 
 
 def variant_study(ctx: Context) -> Context:
-    """``ctx`` with the training schedule of the variant studies (seeds, the authors' training
-    choices; ``ablations.variant_study_preset``): pass it to :func:`variant_model`, and take the
-    base model to compare with from it too."""
+    """``ctx`` with the training schedule of the variant studies (the authors' training choices;
+    ``ablations.variant_study_preset``): pass it to :func:`variant_model`, and take the base model
+    to compare with from it too."""
     from diffad.ablations import variant_study_preset
 
     return dataclasses.replace(ctx, preset=variant_study_preset(ctx.preset))
