@@ -20,26 +20,25 @@ over the GPUs, one model per category, and rank 0 writes the table.
 from __future__ import annotations
 
 import argparse
-import ast
+import math
+import re
 import sys
 from pathlib import Path
 
-from diffad.presets import PRESETS, field_names, get_preset
+from diffad.presets import PRESETS, PresetError, get_preset, parse_field
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``name=value`` strings to a dict; values parsed as Python literals where possible."""
+    """``name=value`` strings to a dict, each value read by its field's type (presets.parse_field).
+
+    A bad pair raises PresetError (a ValueError) naming the field, the value and what is allowed.
+    """
     overrides = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise SystemExit(f"--set expects name=value, got {pair!r}")
+            raise PresetError(f"--set expects name=value, got {pair!r}")
         name, value = pair.split("=", 1)
-        if name not in field_names():
-            raise SystemExit(f"unknown preset field {name!r}; fields: {', '.join(field_names())}")
-        try:
-            overrides[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[name] = value
+        overrides[name.strip()] = parse_field(name.strip(), value)
     return overrides
 
 
@@ -78,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "gradient checkpointing, EMA, estimated peak memory and time")
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS))
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a preset field")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB", help="plan for a GPU with this memory")
+    p.add_argument("--gpu-memory", default=None, metavar="GIB", help="plan for a GPU with this memory, e.g. 15")
     p.add_argument("--compute-capability", type=str, default=None, metavar="X.Y", help="e.g. 7.5 for a T4")
     p.add_argument("--categories", type=int, default=1, help="classes of a unified model (1: one category)")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
@@ -130,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(make_builtin_dataset(args.root, seed=args.seed, image_size=args.image_size))
         return 0
-    overrides = parse_overrides(args.set)
     from diffad import distributed
 
     try:
+        overrides = parse_overrides(args.set)
         if args.command == "plan":
             return _plan(args, overrides)
         if args.command == "train":
@@ -186,20 +185,36 @@ def main(argv: list[str] | None = None) -> int:
 def _plan(args, overrides: dict) -> int:
     import json
 
-    from diffad.presets import get_preset
+    memory_gib = None if args.gpu_memory is None else _gpu_memory(args.gpu_memory)
+    capability = None if args.compute_capability is None else _compute_capability(args.compute_capability)
+    if args.categories < 1:
+        raise ValueError(f"--categories takes 1 or more, got {args.categories}")
     from diffad.train import plan_training
 
-    capability = None
-    if args.compute_capability is not None:
-        try:
-            capability = tuple(int(x) for x in args.compute_capability.split("."))
-        except ValueError:
-            raise ValueError(f"--compute-capability takes X.Y, e.g. 7.5; got {args.compute_capability!r}") from None
     preset = get_preset(args.preset, **overrides)
-    plan = plan_training(preset, memory_gib=args.gpu_memory, compute_capability=capability,
+    plan = plan_training(preset, memory_gib=memory_gib, compute_capability=capability,
                          num_classes=args.categories, gpus=args.gpus, table_categories=args.table_categories)
     if args.json:
         print(json.dumps(plan.to_json(), indent=1, default=str))
     else:
         print(plan.describe())
     return 0 if plan.fits is not False else 3
+
+
+def _gpu_memory(text: str) -> float:
+    """``--gpu-memory``: a GPU's memory in GiB, a finite number above 0."""
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise ValueError(f"--gpu-memory takes the GPU's memory in GiB, a number above 0 (e.g. 15); got {text!r}")
+    return gib
+
+
+def _compute_capability(text: str) -> tuple[int, int]:
+    """``--compute-capability``: X.Y with X >= 1 (7.5 for a T4, 8.0 for an A100)."""
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
+    if match is None or int(match[1]) < 1:
+        raise ValueError(f"--compute-capability takes X.Y with X >= 1, e.g. 7.5; got {text!r}")
+    return int(match[1]), int(match[2])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 import weakref
 from dataclasses import dataclass
 
@@ -125,7 +126,12 @@ def accelerator_of(device: torch.device | str | None = None, memory_gib: float |
     if memory_gib is not None or compute_capability is not None:
         if memory_gib is None or compute_capability is None:
             raise ValueError("describe a GPU with both its memory (GiB) and its compute capability, e.g. 15 and 7.5")
+        if isinstance(memory_gib, bool) or not isinstance(memory_gib, numbers.Real) or not 0 < memory_gib < math.inf:
+            raise ValueError(f"memory_gib must be a number of GiB above 0, e.g. 15; got {memory_gib!r}")
         capability = tuple(int(x) for x in compute_capability)
+        if len(capability) != 2 or capability[0] < 1 or capability[1] < 0:
+            raise ValueError(f"compute_capability must be (major, minor) with major >= 1, e.g. (7, 5); "
+                             f"got {compute_capability!r}")
         for known in ACCELERATORS.values():
             if known.compute_capability == capability and abs(known.memory_gib - memory_gib) < 1.0:
                 return known

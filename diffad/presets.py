@@ -6,6 +6,9 @@ A preset is a dataclass: print it to see every setting, override any field by na
     >>> p = get_preset("cpu", train_steps=100)
     >>> print(p)
 
+Every field is checked when a preset is made (``FIELD_RULES``): a value the field cannot take is a
+:class:`PresetError` naming the field, the value and what is allowed.
+
 ``paper`` is the paper's setting, read consistently (METHOD.md): 256 px, the guided-diffusion
 256x256 ADM UNet fine-tuned from OpenAI's ImageNet ``256x256_diffusion`` checkpoint, batch 2, 10k steps, lr 1e-4 annealed linearly, EMA 0.997, feature-loss weight 1,
 EfficientNet-b4 features, test timesteps {5, 50, 100} of a 250-step respacing, alpha 0.5.
@@ -15,10 +18,31 @@ its numbers were chosen by measurement (see the presets' docstrings in ``PRESETS
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import hashlib
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+# The values each choice field takes, kept here alone: the modules that act on a field import its
+# tuple from here (or, where the set is code, such as a dict of functions, a test ties the two).
+IMAGE_RESIZES = ("bilinear", "authors")  # diffad.data.mvtec: antialiased bilinear, or the authors' box + bicubic
+NOISE_SCHEDULES = ("linear", "cosine")  # diffad.diffusion.get_named_beta_schedule
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # diffad.device.PRECISION_CHOICES (the Precision enum and "auto")
+EMA_DEVICES = ("auto", "device", "cpu")  # diffad.train.plan_training
+TIMESTEP_MODES = ("consistent", "authors")  # diffad.scoring.score_raw
+KL_STANDARDIZATIONS = ("none", "authors")  # diffad.scoring.score_raw
+NORMALIZATIONS = ("per_image", "validation", "none")  # diffad.scoring.normalized, of the maps
+MASK_RULES = ("any", "authors")  # diffad.data.mvtec: which mask pixels are defect
+PRO_IMPLEMENTATION_NAMES = ("exact", "authors")  # the keys of diffad.evaluate.PRO_IMPLEMENTATIONS
+
+
+class PresetError(ValueError):
+    """A preset field given a value it cannot take, or a field that does not exist."""
 
 
 @dataclass(frozen=True)
@@ -87,11 +111,15 @@ class Preset:
     # by ``for_categories`` when a model is trained or loaded for that one category alone
     category_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse a value a field cannot take (FIELD_RULES), here, before any run starts on it."""
+        for f in dataclasses.fields(self):
+            FIELD_RULES[f.name].check(f.name, getattr(self, f.name))
+        _check_category_overrides(self.category_overrides)
+
     def replace(self, **overrides) -> "Preset":
-        """A copy with some fields changed; unknown names raise."""
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"unknown preset field(s) {sorted(unknown)}; fields are {field_names()}")
+        """A copy with some fields changed; unknown names and bad values raise PresetError."""
+        _check_known(overrides)
         return dataclasses.replace(self, **overrides)
 
     def for_categories(self, categories: str | list[str]) -> "Preset":
@@ -103,11 +131,7 @@ class Preset:
         categories = [categories] if isinstance(categories, str) else list(categories)
         if len(categories) != 1 or categories[0] not in self.category_overrides:
             return self
-        overrides = dict(self.category_overrides[categories[0]])
-        unknown = (set(overrides) - set(field_names())) | (set(overrides) & {"name", "category_overrides"})
-        if unknown:
-            raise ValueError(f"category_overrides[{categories[0]!r}] sets unknown or fixed field(s) {sorted(unknown)}")
-        return self.replace(**overrides)
+        return self.replace(**self.category_overrides[categories[0]])  # checked when the preset was made
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +154,213 @@ class Preset:
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Preset)]
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """What one preset field accepts: its kind, a range or the choices, and whether None is allowed.
+
+    Kinds: "int", "number" (an int or a float), "bool", "str" (non-empty), "choice", "ints" (a
+    non-empty tuple of integers), "dict" (string keys), "respacing" (a timestep_respacing spec).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+    def describe(self) -> str:
+        """What is allowed, in words: the end of the error message."""
+        words = {
+            "int": f"an integer{self._range()}",
+            "number": f"a number{self._range()}",
+            "bool": "True or False",
+            "str": "a non-empty string",
+            "choice": "one of " + ", ".join(repr(c) for c in self.choices),
+            "ints": f"a non-empty tuple of integers{self._range()}",
+            "dict": "a dict with string keys",
+            "respacing": "'' (no respacing), section counts such as '250' or '10,20', or 'ddimN'",
+        }[self.kind]
+        if not self.optional:
+            return words
+        return "None, True or False" if self.kind == "bool" else f"None or {words}"
+
+    def _range(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f" {'>' if self.low_open else '>='} {self.low:g}"
+        return ""
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if self.kind == "int":
+            return _is_int(value) and self._in_range(value)
+        if self.kind == "number":
+            return _is_number(value) and math.isfinite(value) and self._in_range(value)
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "str":
+            return isinstance(value, str) and value != ""
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "ints":
+            return (isinstance(value, tuple) and len(value) > 0
+                    and all(_is_int(v) and self._in_range(v) for v in value))
+        if self.kind == "dict":
+            return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if self.kind == "respacing":
+            return isinstance(value, str) and _RESPACING.fullmatch(value) is not None
+        raise AssertionError(f"unknown field kind {self.kind!r}")
+
+    def _in_range(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def check(self, name: str, value: Any) -> None:
+        """PresetError naming the field, the value and what is allowed, unless ``value`` fits."""
+        if not self.accepts(value):
+            raise PresetError(f"Preset field {name!r} must be {self.describe()}, got {value!r}")
+
+
+# "", "ddimN" or comma-separated section counts >= 1, as diffad.diffusion.space_timesteps reads them
+_SECTION = r"\s*0*[1-9][0-9]*\s*"
+_RESPACING = re.compile(rf"|ddim{_SECTION}|{_SECTION}(,{_SECTION})*")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    """An int or a float, not a bool: alpha=1 is as good as alpha=1.0 (and kept as given)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _count(low: int = 1, optional: bool = False) -> FieldRule:
+    return FieldRule("int", low=low, optional=optional)
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False, high_open: bool = False,
+            optional: bool = False) -> FieldRule:
+    return FieldRule("number", low=low, high=high, low_open=low_open, high_open=high_open, optional=optional)
+
+
+def _choice(choices: tuple[str, ...], optional: bool = False) -> FieldRule:
+    return FieldRule("choice", choices=choices, optional=optional)
+
+
+_BOOL = FieldRule("bool")
+_NAME = FieldRule("str")
+
+# Every field's rule (a test checks that none is missing); read with the field's comment in Preset.
+FIELD_RULES: dict[str, FieldRule] = {
+    "name": _NAME,
+    "image_size": _count(),
+    "val_fraction": _number(0, 1, high_open=True),
+    "image_resize": _choice(IMAGE_RESIZES),
+    "unet": _NAME,  # a key of diffad.models.UNET_CONFIGS, checked where the UNet is built
+    "unet_overrides": FieldRule("dict"),  # UNetConfig fields, checked by UNetConfig
+    "class_cond": _BOOL,
+    "init_checkpoint": FieldRule("str", optional=True),
+    "diffusion_steps": _count(),
+    "noise_schedule": _choice(NOISE_SCHEDULES),
+    "backbone": _NAME,
+    "backbone_layers": FieldRule("ints", low=0, optional=True),
+    "backbone_input_size": _count(optional=True),
+    "feature_loss_weight": _number(0),
+    "standardize_features": _BOOL,
+    "backbone_normalization": _BOOL,
+    "batch_size": _count(),
+    "train_steps": _count(),
+    "lr": _number(0, low_open=True),
+    "lr_anneal_steps": _count(0),  # 0: a constant rate
+    "weight_decay": _number(0),
+    "ema_rate": _number(0, 1, high_open=True),
+    "ema_warmup": _BOOL,
+    "grad_clip": _number(0, low_open=True, optional=True),
+    "max_train_timestep": _count(optional=True),
+    "checkpoint_every": _count(),
+    "precompute_features": _BOOL,
+    "precision": _choice(PRECISIONS),
+    "gradient_checkpointing": FieldRule("bool", optional=True),
+    "ema_device": _choice(EMA_DEVICES),
+    "seed": _count(0),
+    "timestep_respacing": FieldRule("respacing"),
+    "test_timesteps": FieldRule("ints", low=0),
+    "timestep_mode": _choice(TIMESTEP_MODES),
+    "test_feature_grid": _count(optional=True),
+    "kl_standardization": _choice(KL_STANDARDIZATIONS),
+    "alpha": _number(0, 1),
+    "normalization": _choice(NORMALIZATIONS),
+    "image_normalization": _choice(NORMALIZATIONS, optional=True),
+    "smoothing_sigma": _number(0),
+    "top_k": _count(),
+    "mask_rule": _choice(MASK_RULES),
+    "pro_implementation": _choice(PRO_IMPLEMENTATION_NAMES),
+    "score_batch_size": _count(),
+    "denoise_step_size": _number(0, low_open=True),
+    "category_overrides": FieldRule("dict"),  # and each category's overrides: _check_category_overrides
+}
+
+
+def _check_known(names) -> None:
+    """PresetError for names that are not fields, with the close ones as a hint."""
+    unknown = sorted(set(names) - set(FIELD_RULES))
+    if not unknown:
+        return
+    close = dict.fromkeys(c for name in unknown for c in difflib.get_close_matches(name, FIELD_RULES, n=3))
+    hint = (f"; did you mean {' or '.join(map(repr, close))}?" if close
+            else f"; fields are {', '.join(field_names())}")
+    raise PresetError(f"unknown preset field(s) {unknown}{hint}")
+
+
+def _check_category_overrides(table: dict) -> None:
+    """Each category's overrides: a dict of existing, overridable fields, each value one it may take."""
+    for category, overrides in table.items():
+        if not isinstance(overrides, dict):
+            raise PresetError(f"Preset field 'category_overrides' must map each category to a dict of "
+                              f"field overrides, got {category!r}: {overrides!r}")
+        fixed = (set(overrides) - set(FIELD_RULES)) | (set(overrides) & {"name", "category_overrides"})
+        if fixed:
+            raise PresetError(f"category_overrides[{category!r}] sets unknown or fixed field(s) {sorted(fixed)}")
+        for name, value in overrides.items():
+            try:
+                FIELD_RULES[name].check(name, value)
+            except PresetError as exc:
+                raise PresetError(f"category_overrides[{category!r}]: {exc}") from None
+
+
+def parse_field(name: str, text: str) -> Any:
+    """``text`` (the command line's ``--set name=text``) read as a value of field ``name``, and checked.
+
+    Read as a Python literal where it is one (``100``, ``1e-3``, ``None``, ``(5, 10)``, ``'tiny'``);
+    a text field takes the text as it is (``precision=fp32``, ``timestep_respacing=250``), a tuple
+    field a list or a single integer too, a bool field also true/false. PresetError otherwise.
+    """
+    _check_known([name])
+    rule = FIELD_RULES[name]
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = text
+    if rule.kind in ("str", "choice", "respacing") and not isinstance(value, str):
+        value = None if (rule.optional and value is None) else text
+    elif rule.kind == "bool" and text.strip().lower() in ("true", "false"):
+        value = text.strip().lower() == "true"
+    elif rule.kind == "ints" and isinstance(value, list):
+        value = tuple(value)
+    elif rule.kind == "ints" and _is_int(value):
+        value = (value,)
+    rule.check(name, value)
+    if name == "category_overrides":
+        _check_category_overrides(value)
+    return value
 
 
 # Fields that only change how a trained model is scored (or how often it is saved): a model

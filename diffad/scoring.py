@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffad.data import to_diffusion_range
+from diffad.presets import KL_STANDARDIZATIONS, NORMALIZATIONS, TIMESTEP_MODES
 from diffad.smoothing import gaussian_kernel1d, smooth  # noqa: F401  (smooth is part of this API)
 from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, check_images, pick_device
 
 MAP_TYPES = ("kl", "rgb", "feature")
-NORMALIZATIONS = ("per_image", "validation", "none")
-TIMESTEP_MODES = ("consistent", "authors")
 
 
 @dataclass
@@ -107,7 +106,6 @@ class OnePass:
 # others (alpha, normalisation, smoothing, top-k) are applied afterwards by anomaly_maps, and the
 # batch size does not change the maps (each image has its own noise).
 RAW_MAP_FIELDS = ("timestep_respacing", "test_timesteps", "timestep_mode", "test_feature_grid", "kl_standardization")
-KL_STANDARDIZATIONS = ("none", "authors")
 
 
 def standardize_kl_authors(kl: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,30 @@ def test_plan_command_rejects_a_bad_capability(capsys):
     assert "--compute-capability takes X.Y" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--gpu-memory", "-3", "--gpu-memory takes the GPU's memory in GiB, a number above 0 (e.g. 15); got '-3'"),
+    ("--gpu-memory", "0", "--gpu-memory takes the GPU's memory in GiB, a number above 0 (e.g. 15); got '0'"),
+    ("--gpu-memory", "lots", "--gpu-memory takes the GPU's memory in GiB, a number above 0 (e.g. 15); got 'lots'"),
+    ("--gpu-memory", "inf", "--gpu-memory takes the GPU's memory in GiB, a number above 0 (e.g. 15); got 'inf'"),
+    ("--compute-capability", "-7.5", "--compute-capability takes X.Y with X >= 1, e.g. 7.5; got '-7.5'"),
+    ("--compute-capability", "0.0", "--compute-capability takes X.Y with X >= 1, e.g. 7.5; got '0.0'"),
+    ("--compute-capability", "8", "--compute-capability takes X.Y with X >= 1, e.g. 7.5; got '8'"),
+])
+def test_plan_command_refuses_an_impossible_gpu_in_one_line(capsys, option, value, message):
+    described = {"--gpu-memory": "15", "--compute-capability": "7.5", option: value}
+    argv = ["plan", "--preset", "cpu"] + [part for item in described.items() for part in item]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"diffad plan: error: {message}"] and not captured.out
+
+
+def test_a_described_gpu_must_be_possible():
+    with pytest.raises(ValueError, match="memory_gib must be a number of GiB above 0, e.g. 15; got -3"):
+        accelerator_of(memory_gib=-3, compute_capability=(7, 5))
+    with pytest.raises(ValueError, match=r"compute_capability must be \(major, minor\) with major >= 1"):
+        accelerator_of(memory_gib=15, compute_capability=(0, 5))
+
+
 def test_fake_mode_leaves_value_checks_for_real_tensors():
     from diffad.train import build_diffusion
 

@@ -132,8 +132,35 @@ def test_cli_reports_clear_errors(tmp_path, capsys):
     code = main(["reproduce", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "nowhere" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="unknown preset field"):
-        main(["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path), "--set", "nope=1"])
+    train = ["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path)]
+    assert main(train + ["--set", "nope=1"]) == 2
+    assert "diffad train: error: unknown preset field(s) ['nope']" in capsys.readouterr().err
+    assert main(train + ["--set", "trian_steps=1"]) == 2
+    assert "did you mean 'train_steps'" in capsys.readouterr().err
+    assert main(train + ["--set", "alpha"]) == 2
+    assert "--set expects name=value, got 'alpha'" in capsys.readouterr().err
+    for value, message in (("-1", "must be a number in [0, 1], got -1"), ("2", "must be a number in [0, 1], got 2")):
+        assert main(train + ["--set", f"alpha={value}"]) == 2
+        assert f"diffad train: error: Preset field 'alpha' {message}" in capsys.readouterr().err
+
+
+def test_cli_set_with_a_value_of_the_wrong_type_is_one_line_and_exit_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "diffad", "train", "--data-root", str(tmp_path), "--category", "x",
+                           "--out", str(tmp_path / "out"), "--set", "train_steps=abc"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "diffad train: error: Preset field 'train_steps' must be an integer >= 1, got 'abc'"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_pro_implementations_are_the_presets_choices():
+    from diffad.evaluate import PRO_IMPLEMENTATIONS
+    from diffad.presets import PRO_IMPLEMENTATION_NAMES
+
+    assert tuple(PRO_IMPLEMENTATIONS) == PRO_IMPLEMENTATION_NAMES
 
 
 def test_cli_train_and_evaluate(tiny_builtin, tmp_path, capsys):

@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from diffad.presets import IMAGE_RESIZES, MASK_RULES
+
 __all__ = [
     "MVTEC_CATEGORIES",
     "TEXTURE_CATEGORIES",
@@ -118,10 +120,6 @@ def _read_pil(path: Path, what: str) -> Image.Image:
             return handle.copy()
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from error
-
-
-MASK_RULES = ("any", "authors")
-IMAGE_RESIZES = ("bilinear", "authors")
 
 
 def authors_resize(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
