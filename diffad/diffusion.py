@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -348,6 +349,7 @@ class GaussianDiffusion:
             )
         else:  # a one-step chain has no t = 1 to borrow from; use beta_0
             self.posterior_log_variance_clipped = np.log(betas.copy())
+        self.log_betas = np.log(betas)  # the learned range's upper end, kept (see _schedule_on)
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
@@ -422,10 +424,19 @@ class GaussianDiffusion:
                 raise ValueError(f"timesteps must have shape ({batch_size},), got {tuple(t.shape)}")
             t = t.long()
         elif isinstance(t, (int, np.integer)) and not isinstance(t, bool):
-            t = torch.full((batch_size,), int(t), dtype=torch.long, device=device)
+            if not 0 <= int(t) < self.num_timesteps:  # checked on the host, before it is on a device
+                raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got {int(t)}..{int(t)}")
+            return torch.full((batch_size,), int(t), dtype=torch.long, device=device)
         else:
             raise ValueError(f"timesteps must be an int or an integer tensor, got {type(t).__name__}")
-        if t.numel() and has_values(t) and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        if not t.numel() or not has_values(t):
+            return t
+        if t.device.type == "cuda":
+            # Read on the host, the range would wait for the GPU: a synchronisation at every call,
+            # several per training step. Asserted on the device instead (no wait; a bad value stops
+            # the process at a later kernel, as the out-of-range gather it prevents would).
+            torch._assert_async(((t >= 0) & (t < self.num_timesteps)).all())
+        elif int(t.min()) < 0 or int(t.max()) >= self.num_timesteps:
             raise ValueError(
                 f"timesteps must lie in [0, {self.num_timesteps - 1}], got {int(t.min())}..{int(t.max())}"
             )
@@ -435,7 +446,7 @@ class GaussianDiffusion:
         """Map (respaced) step indices to the original indices the model was trained with."""
         if self.timestep_map is None:
             return t
-        return torch.as_tensor(self.timestep_map, device=t.device)[t]
+        return _schedule_on(self.timestep_map, t)[t]
 
     def _call_model(self, model, x: torch.Tensor, t: torch.Tensor, model_kwargs) -> torch.Tensor:
         """Run the model with original timesteps and keep only its first output."""
@@ -512,7 +523,7 @@ class GaussianDiffusion:
                 model_log_variance = model_var_values
             else:
                 min_log = _extract_into_tensor(self.posterior_log_variance_clipped, t, x)
-                max_log = _extract_into_tensor(np.log(self.betas), t, x)
+                max_log = _extract_into_tensor(self.log_betas, t, x)
                 frac = (model_var_values + 1) / 2  # v in [-1, 1] -> [min, max]
                 model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
@@ -852,6 +863,30 @@ def has_values(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "meta" and not isinstance(tensor, FakeTensor)
 
 
+# Device copies of the schedule's arrays, one per array and device while the array lives. Copying a
+# host array to a GPU waits for the GPU (a synchronisation, several per training step otherwise);
+# the schedules never change after construction.
+_DEVICE_COPIES: dict[tuple[int, torch.device], tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _schedule_on(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``torch.as_tensor(arr, device=like.device)``; on a GPU, a copy kept for the array's lifetime.
+
+    The CPU shares the array's memory (no copy), and a fake or meta ``like`` (memory planning)
+    gets a tensor of its own kind, not kept."""
+    device = like.device
+    if device.type == "cpu" or not isinstance(arr, np.ndarray) or not has_values(like):
+        return torch.as_tensor(arr, device=device)
+    key = (id(arr), device)
+    kept = _DEVICE_COPIES.get(key)
+    if kept is not None and kept[0]() is arr:
+        return kept[1]
+    with torch.inference_mode(False):  # a plain tensor, usable in and out of inference mode
+        tensor = torch.as_tensor(arr, device=device)
+    _DEVICE_COPIES[key] = (weakref.ref(arr, lambda _, key=key: _DEVICE_COPIES.pop(key, None)), tensor)
+    return tensor
+
+
 def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Gather ``arr[timesteps]`` as a tensor shaped (B, 1, 1, ...) to broadcast against ``like``.
 
@@ -860,7 +895,7 @@ def _extract_into_tensor(arr: np.ndarray, timesteps: torch.Tensor, like: torch.T
     """
     dtype = like.dtype if like.dtype.is_floating_point else torch.float32
     dtype = torch.promote_types(dtype, torch.float32)
-    values = torch.as_tensor(arr, device=timesteps.device)[timesteps].to(dtype)
+    values = _schedule_on(arr, timesteps)[timesteps].to(dtype)
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 

@@ -6,7 +6,10 @@ variational bound for the learned variance); its feature head, trained to predic
 backbone's features of the clean x0 from x_t, adds ``feature_loss_weight`` times an MSE.
 
 AdamW with the learning rate annealed linearly to 0, an EMA of the weights (the EMA weights
-are what scoring uses), gradient clipping, bf16 autocast and channels-last on CUDA.
+are what scoring uses), gradient clipping, bf16 autocast and channels-last on CUDA; fp16 with a
+GradScaler below compute capability 8.0, where a step with non-finite gradients is skipped and
+counted (``skipped`` in the history), not an error, and the EMA moves only after a real step.
+The loop reads its losses on the host every ``LOG_EVERY`` steps, not every step.
 Checkpoints hold model, EMA, optimizer, step and every random state, and are written
 atomically (a temporary file, then a rename): a run interrupted and resumed ends with the same
 weights as one that was not.
@@ -47,6 +50,10 @@ __all__ = ["fit", "training_step", "plan_training", "TrainingPlan", "TrainedMode
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
+# The training loop reads its losses on the host every LOG_EVERY steps (and before each checkpoint
+# and at the end of a call), not every step: reading a tensor's value waits for the device.
+LOG_EVERY = 10
+LOSS_NAMES = ("loss", "mse", "vb", "feature")
 
 
 def build_diffusion(preset: Preset, respacing: str = "") -> GaussianDiffusion:
@@ -118,6 +125,11 @@ class TrainedModel:
     def num_classes(self) -> int | None:
         return len(self.categories) if self.preset.class_cond else None
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps the GradScaler skipped (fp16: non-finite gradients), from the history."""
+        return skipped_in(self.history)
+
     def class_index(self, category: str) -> int:
         if category not in self.categories:
             raise ValueError(f"this model was trained on {self.categories}, not on {category!r}")
@@ -160,6 +172,12 @@ class TrainedModel:
         unet.to(pick_device(device)).eval()
         return cls(preset, list(state["categories"]), unet, state["feature_channels"], state.get("history", []),
                    state.get("feature_stats"))
+
+
+def skipped_in(history: list[dict]) -> int:
+    """How many steps of a training history the GradScaler skipped; records from before the
+    ``skipped`` field was kept (older checkpoints and models) count as real steps."""
+    return sum(1 for record in history if record.get("skipped"))
 
 
 def load_training_images(data_root, categories: list[str], preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,10 +250,22 @@ def _set_rng_states(generator: torch.Generator, states: dict, device: torch.devi
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
-    """ema <- rate * ema + (1 - rate) * model, parameter by parameter (the EMA may live on the host)."""
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, rate: float,
+               skipped: torch.Tensor | None = None) -> None:
+    """ema <- rate * ema + (1 - rate) * model, parameter by parameter (the EMA may live on the host).
+
+    ``skipped``, a 0-d tensor that is 1 when the optimizer did not step (a GradScaler skipped it),
+    turns the update into ema <- ema there, decided on the device: the weight of the model becomes
+    0 and ``lerp_`` leaves every (finite) EMA value as it is, with no host synchronisation. Without
+    it, the update is the plain one, unchanged. (An EMA on the host copies the weights there every
+    step, which waits for the GPU: the plan puts it there only when the GPU's memory is short.)
+    """
+    weight = 1.0 - rate
+    if skipped is not None:
+        first = next(ema.parameters())
+        weight = ((1.0 - skipped.float()) * weight).to(first.device, first.dtype)
     for target, source in zip(ema.parameters(), model.parameters()):
-        target.lerp_(source.detach().to(target.device), 1.0 - rate)
+        target.lerp_(source.detach().to(target.device), weight)
 
 
 def ema_rate_at(step: int, rate: float, warmup: bool = True) -> float:
@@ -279,11 +309,21 @@ def training_step(unet, optimizer, diffusion: GaussianDiffusion, batch: Batch, *
                   channels_last: bool = False, check_finite: bool = True) -> dict[str, torch.Tensor]:
     """One optimisation step: noise x0 to x_t, one UNet pass, hybrid + feature loss, AdamW, EMA.
 
-    ``precision`` sets the autocast dtype of the UNet's pass (the losses are computed in fp32);
-    ``scaler`` (a ``torch.amp.GradScaler``, for fp16) scales the loss and skips steps whose
-    gradients overflowed. Returns the step's losses as 0-d tensors (no host synchronisation), so
-    :func:`fit`, the benchmarks and the memory plan (on fake tensors) run exactly this code.
+    ``precision`` sets the autocast dtype of the UNet's pass (the losses are computed in fp32).
+    ``scaler`` (a ``torch.amp.GradScaler``, for fp16) scales the loss; a step whose gradients are
+    not finite (as a non-finite loss makes them) is *skipped*, never an error: the scaler lowers
+    its scale, the optimizer does not step and the EMA does not move (the authors' trainer, too,
+    updates the EMA only after a real step). Without a scaler (fp32, bf16) ``check_finite``
+    raises ``FloatingPointError`` on a non-finite loss; that check reads the loss on the host
+    (a synchronisation), so :func:`fit` passes ``check_finite=False`` and checks the losses it
+    logs instead.
+
+    Returns the step's losses as 0-d tensors, and with a scaler ``skipped`` (1.0 for a skipped
+    step, else 0.0), all on the device (no host synchronisation), so :func:`fit`, the benchmarks
+    and the memory plan (on fake tensors) run exactly this code.
     """
+    if scaler is not None and not scaler.is_enabled():
+        scaler = None  # a disabled scaler scales nothing and skips nothing
     x_t = diffusion.q_sample(batch.x0, batch.t, noise=batch.noise)
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -295,7 +335,7 @@ def training_step(unet, optimizer, diffusion: GaussianDiffusion, batch: Batch, *
     losses = diffusion.training_losses_from_output(output.float(), batch.x0, x_t, batch.t, batch.noise)
     feature_loss = F.mse_loss(features.float(), batch.target)
     loss = losses["loss"].mean() + feature_loss_weight * feature_loss
-    if check_finite and not torch.isfinite(loss):
+    if check_finite and scaler is None and not torch.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss.item()}; lower lr (now {lr:g})")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
@@ -305,15 +345,25 @@ def training_step(unet, optimizer, diffusion: GaussianDiffusion, batch: Batch, *
         loss.backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)
+    skipped = None
     if scaler is not None:
         scaler.step(optimizer)
+        # Whether the scaler skipped the step, kept as a device tensor (reading it on the host would
+        # wait for the device): the found-inf flag that unscale_ recorded and that step() (no
+        # optimizer step) and update() (a lower scale) act on, taken before update() clears it.
+        # Comparing the scale before and after update() would say the same less directly. One
+        # device per process, so one flag; under DDP the same on every rank (all-reduced gradients).
+        skipped = (sum(scaler._found_inf_per_device(optimizer).values()) > 0).float()
         scaler.update()
     else:
         optimizer.step()
     if ema is not None:
-        update_ema(ema, unet, ema_rate)
-    return {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach(),
-            "feature": feature_loss.detach()}
+        update_ema(ema, unet, ema_rate, skipped)
+    result = {"loss": loss.detach(), "mse": losses["mse"].mean().detach(), "vb": losses["vb"].mean().detach(),
+              "feature": feature_loss.detach()}
+    if skipped is not None:
+        result["skipped"] = skipped
+    return result
 
 
 def draw_batch(generator: torch.Generator, n_images: int, batch_size: int, max_t: int, image_shape) -> tuple:
@@ -676,7 +726,9 @@ class _TrainingRun:
             features = self.targets if self.targets is not None else compute_features(self.extractor, self.images)
             self.stats = feature_statistics(features)
             self.targets = standardize(self.targets, self.stats) if self.targets is not None else None
-        self.step, self.history = 0, []
+        # The statistics on the device once, not copied there for every batch.
+        self.device_stats = None if self.stats is None else tuple(s.to(device) for s in self.stats)
+        self.step, self.history, self.skipped_steps = 0, [], 0
         return self
 
     def restore(self, state: dict) -> None:
@@ -687,6 +739,7 @@ class _TrainingRun:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
+        self.skipped_steps = skipped_in(self.history)
         _set_rng_states(self.generator, state["rng"], self.device)
 
     def save(self, path: Path) -> None:
@@ -708,12 +761,20 @@ class _TrainingRun:
         if self.world > 1:
             part = slice(self.rank * self.share, (self.rank + 1) * self.share)
             idx, t, noise = idx[part], t[part], noise[part]
-        x0 = self.images[idx].to(self.device)
+        x0 = self.to_device(self.images[idx])
         with torch.no_grad():
-            target = (self.targets[idx].to(self.device) if self.targets is not None
-                      else standardize(self.extractor(x0), self.stats))
-        y = self.labels[idx].to(self.device) if self.num_classes else None
-        return Batch(x0, t.to(self.device), noise.to(self.device), target, y)
+            target = (self.to_device(self.targets[idx]) if self.targets is not None
+                      else standardize(self.extractor(x0), self.device_stats))
+        y = self.to_device(self.labels[idx]) if self.num_classes else None
+        return Batch(x0, self.to_device(t), self.to_device(noise), target, y)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the run's device; to a GPU through pinned memory and without blocking, since a
+        plain copy from pageable memory waits for the device (a synchronisation every step). The pinned
+        buffer is a fresh one (or one the caching allocator keeps until the copy is done)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def train(self, end: int, ckpt_path: Path, progress: bool) -> None:
         preset = self.preset
@@ -726,24 +787,24 @@ class _TrainingRun:
             model = torch.nn.parallel.DistributedDataParallel(
                 self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
+        # The steps since the last log, their losses still on the device: nothing in a step waits for
+        # the device (no .item(), no finiteness test on the host); log() reads them all at once.
+        pending: list[dict[str, torch.Tensor]] = []
         try:
             while self.step < end:
-                losses = training_step(
+                pending.append(training_step(
                     model, self.optimizer, self.diffusion, self.next_batch(), lr=lr_at(self.step, preset),
                     feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
                     precision=self.plan.precision, scaler=self.scaler, ema=self.ema,
                     ema_rate=ema_rate_at(self.step, preset.ema_rate, preset.ema_warmup), channels_last=self.plan.channels_last,
-                    check_finite=not self.ddp)
+                    check_finite=False))
                 self.step += 1
-                values = self.global_means(losses) if self.ddp else {k: v.item() for k, v in losses.items()}
-                if self.ddp and not math.isfinite(values["loss"]):  # on every rank alike
-                    lr = lr_at(self.step - 1, preset)
-                    raise FloatingPointError(f"training loss became {values['loss']}; lower lr (now {lr:g})")
-                record = {"step": self.step, **values}
-                self.history.append(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", feat=f"{record['feature']:.4f}")
-                if self.step % preset.checkpoint_every == 0 or self.step == end:
+                checkpoint = self.step % preset.checkpoint_every == 0 or self.step == end
+                if checkpoint or self.step % LOG_EVERY == 0:
+                    self.log(pending, bar)  # before the checkpoint: non-finite weights are never saved
+                    pending = []
+                if checkpoint:
                     if self.rank == 0:
                         self.save(ckpt_path)
                     if self.ddp:  # the others wait here, not in the next step's all-reduce (a shorter timeout)
@@ -753,11 +814,37 @@ class _TrainingRun:
         del model
         self.ema.to(self.device).eval()
 
-    def global_means(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The step's losses over the whole batch: each rank's means weighted by its share, summed over ranks."""
-        names = list(losses)
-        values = torch.stack([losses[k].float() for k in names]) * (self.share / self.preset.batch_size)
-        return dict(zip(names, distributed.all_sum(values).tolist()))
+    def log(self, pending: list[dict[str, torch.Tensor]], bar) -> None:
+        """Record the losses of the steps since the last log (one host read for all of them), count the
+        steps the scaler skipped, and show both in the progress line.
+
+        A step the GradScaler skipped (fp16: its gradients were not finite) is recorded with
+        ``skipped`` true and is no error. Without a scaler, a non-finite loss raises
+        FloatingPointError here, naming its step: checked every few steps rather than each step,
+        but always before a checkpoint is written. Under DDP the losses are the global means
+        (one all-reduce per log) and every rank raises alike.
+        """
+        first = self.step - len(pending) + 1
+        values = torch.stack([step[name].float() for step in pending for name in LOSS_NAMES])
+        values = values.view(len(pending), len(LOSS_NAMES))
+        if self.ddp:  # each rank's means weighted by its share of the batch, summed over the ranks
+            values = distributed.all_sum(values * (self.share / self.preset.batch_size))
+        if self.scaler is not None:  # the same on every rank: the gradients it checked were all-reduced
+            skipped = torch.stack([step["skipped"].float() for step in pending])
+            values = torch.cat([values, skipped[:, None].to(values.device)], dim=1)
+        for offset, row in enumerate(values.tolist()):
+            record = {"step": first + offset, **dict(zip(LOSS_NAMES, row)),
+                      "skipped": self.scaler is not None and row[-1] > 0}
+            if self.scaler is None and not math.isfinite(record["loss"]):
+                lr = lr_at(record["step"] - 1, self.preset)
+                raise FloatingPointError(f"training loss became {record['loss']} at step {record['step']}; "
+                                         f"lower lr (now {lr:g})")
+            self.skipped_steps += record["skipped"]
+            self.history.append(record)
+        postfix = dict(loss=f"{record['loss']:.4f}", feat=f"{record['feature']:.4f}")
+        if self.scaler is not None:
+            postfix["skipped"] = self.skipped_steps
+        bar.set_postfix(postfix)
 
 
 def _check_same_run(saved: Preset, saved_categories, preset: Preset, categories, path: Path) -> None:
