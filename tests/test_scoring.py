@@ -141,7 +141,9 @@ def _recording(preset):
                 read.add(name)
             return super().__getattribute__(name)
 
-    return Recording(**{f: getattr(preset, f) for f in names}), read
+    recording = Recording(**{f: getattr(preset, f) for f in names})
+    read.clear()  # what the preset's own checks read when it was made
+    return recording, read
 
 
 def test_field_lists_match_the_fields_scoring_reads(tiny_model, test_images):
