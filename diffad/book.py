@@ -1,10 +1,12 @@
 """What every chapter of the book shares: the preset switch, the data, a cache of trained models.
 
 A chapter starts with ``ctx = book.setup(PRESET)``. With ``"cpu"`` it uses the built-in
-dataset (written on first use) and the small preset; with ``"paper"`` it uses MVTec-AD under
-``DIFFAD_MVTEC`` (or ``./data/mvtec``, downloaded on Colab) and the paper's settings on the GPU.
-Models are trained once into the cache (``DIFFAD_CACHE``, default ``./cache``; on Colab with the
-paper preset, a folder on Google Drive, so that a disconnected session resumes where it stopped)
+dataset (written on first use) and the small preset; with ``"paper"`` or ``"authors"``
+(:data:`MVTEC_PRESETS`) it uses MVTec-AD under ``DIFFAD_MVTEC`` (or ``./data/mvtec``, downloaded
+on Colab) and the paper's settings on the GPU. ``DIFFAD_PRESET`` and ``DIFFAD_SET`` choose the
+preset and override its fields without editing a chapter (:func:`setup` says how).
+Models are trained once into the cache (``DIFFAD_CACHE``, default ``./cache``; on Colab with an
+MVTec-AD preset, a folder on Google Drive, so that a disconnected session resumes where it stopped)
 and reused by every chapter; for the cpu preset, checkpoints shipped with diffad seed that cache, so reading
 the book does not retrain them (``python -m diffad train`` reproduces each one; see
 ``diffad/resources/checkpoints/README.md``). Scored maps are cached the same way.
@@ -19,15 +21,25 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from diffad.data import download_mvtec, list_categories, make_builtin_dataset, make_development_dataset
 from diffad.evaluate import CategoryData, score_category
 from diffad.io import cache_dir
-from diffad.presets import Preset, fingerprint, get_preset, training_differences, training_fingerprint
+from diffad.presets import (
+    PRESETS,
+    Preset,
+    PresetError,
+    fingerprint,
+    get_preset,
+    parse_field,
+    training_differences,
+    training_fingerprint,
+)
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
 from diffad.io import atomic_save
@@ -50,10 +62,102 @@ class Context:
     data_root: Path
     categories: list[str]
     cache: Path
+    # what the environment chose (:func:`environment_settings`): {"DIFFAD_PRESET": name} and/or
+    # {"DIFFAD_SET": {field: value}}, only the variables that were set; printed with the context
+    environment: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return (f"preset {self.preset.name!r} on {self.device}; data {self.data_root} "
+        text = (f"preset {self.preset.name!r} on {self.device}; data {self.data_root} "
                 f"({len(self.categories)} categories: {', '.join(self.categories)}); cache {self.cache}")
+        notes = []
+        if PRESET_VARIABLE in self.environment:
+            notes.append(f"{PRESET_VARIABLE}={self.environment[PRESET_VARIABLE]}")
+        if self.environment.get(SET_VARIABLE):
+            items = ", ".join(f"{k}={v!r}" for k, v in self.environment[SET_VARIABLE].items())
+            notes.append(f"{SET_VARIABLE}: {items}")
+        return text + (f"\nfrom the environment: {'; '.join(notes)}" if notes else "")
+
+
+# ---------------------------------------------------------------- the preset from the environment
+
+PRESET_VARIABLE = "DIFFAD_PRESET"  # a preset name, e.g. paper
+SET_VARIABLE = "DIFFAD_SET"  # name=value items separated by whitespace, each read like the CLI's --set
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+
+
+def split_settings(text: str, variable: str = SET_VARIABLE) -> list[str]:
+    """``text`` split at whitespace outside brackets and quotes: ``'a=1 b={"x": 1, "y": 2}'`` is
+    two items. Quotes stay in the items (``parse_field`` reads them as Python literals); inside
+    quotes a backslash escapes the next character. Unbalanced brackets or quotes: PresetError."""
+    items: list[str] = []
+    current: list[str] = []
+    closers: list[str] = []  # the brackets to close, innermost last
+    quote = None
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if quote is not None:
+            current.append(char)
+            if char == "\\" and index + 1 < len(text):
+                index += 1
+                current.append(text[index])
+            elif char == quote:
+                quote = None
+        elif char in "'\"":
+            quote = char
+            current.append(char)
+        elif char in _CLOSING:
+            closers.append(_CLOSING[char])
+            current.append(char)
+        elif char in ")]}":
+            if not closers or closers[-1] != char:
+                raise PresetError(f"{variable}: unbalanced {char!r} in {text!r}")
+            closers.pop()
+            current.append(char)
+        elif char.isspace() and not closers:
+            if current:
+                items.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+        index += 1
+    if quote is not None or closers:
+        missing = quote if quote is not None else closers[-1]
+        raise PresetError(f"{variable}: missing a closing {missing!r} in {text!r}")
+    if current:
+        items.append("".join(current))
+    return items
+
+
+def parse_settings(text: str, variable: str = SET_VARIABLE) -> dict[str, Any]:
+    """``name=value`` items (:func:`split_settings`) to preset overrides, each value read by its
+    field's type exactly like the command line's ``--set`` (``presets.parse_field``). A bad item,
+    name or value: a one-line PresetError naming ``variable`` and the field."""
+    overrides = {}
+    for item in split_settings(text, variable):
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise PresetError(f"{variable} expects name=value items separated by whitespace (no spaces "
+                              f"around '='; quote or bracket a value with spaces), got {item!r}")
+        if name == "name":
+            raise PresetError(f"{variable} cannot set 'name': choose the preset with {PRESET_VARIABLE}")
+        try:
+            overrides[name] = parse_field(name, value)
+        except PresetError as error:
+            raise PresetError(f"{variable}: {error}") from None
+    return overrides
+
+
+def environment_settings(environ: Mapping[str, str] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The preset name ``DIFFAD_PRESET`` names (None when unset or blank) and the overrides
+    ``DIFFAD_SET`` gives (empty when unset), checked: PresetError for an unknown preset, a bad
+    item, an unknown field or a value the field cannot take."""
+    environ = os.environ if environ is None else environ
+    name = environ.get(PRESET_VARIABLE, "").strip() or None
+    if name is not None and name not in PRESETS:
+        raise PresetError(f"{PRESET_VARIABLE}={name!r} is not a preset; choose one of {sorted(PRESETS)}")
+    return name, parse_settings(environ.get(SET_VARIABLE, ""))
 
 
 DRIVE_CACHE = "/content/drive/MyDrive/diffad-cache"
@@ -72,24 +176,64 @@ def drive_cache(mount_point: str = "/content/drive") -> Path | None:
     return Path(DRIVE_CACHE)
 
 
+# The presets that read MVTec-AD (under DIFFAD_MVTEC, or downloaded on Colab) and train at the
+# paper's size on a GPU; every other preset (cpu, or one made by hand under another name) reads
+# the built-in dataset. tests/test_book_helpers.py ties this to presets.PRESETS.
+MVTEC_PRESETS = ("paper", "authors")
+
+
+def reads_mvtec(preset: Preset) -> bool:
+    """Whether :func:`setup` gives ``preset`` MVTec-AD (:data:`MVTEC_PRESETS`), not the built-in data."""
+    return preset.name in MVTEC_PRESETS
+
+
 def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None, drive: bool | None = None,
-          **overrides) -> Context:
+          environment: bool = True, **overrides) -> Context:
     """The preset, device, data and cache a chapter runs with.
 
+    The preset, in order of precedence (each later step wins):
+
+    1. ``preset``, a name or a Preset: the chapter's ``PRESET``;
+    2. ``DIFFAD_PRESET``, a preset name, replaces it: a student, or a test, switches a chapter
+       without editing it (e.g. ``DIFFAD_PRESET=paper``);
+    3. ``overrides``, the chapter's keyword fields (chapter 11's unified model), on top of
+       whichever preset 2 chose;
+    4. ``DIFFAD_SET``: ``name=value`` items separated by whitespace, each value read exactly like
+       the command line's ``--set`` (``train_steps=2000 unet_overrides={"model_channels": 32}``),
+       on top of everything, the chapter's keyword fields included, so that shrinking a run
+       shrinks every model a chapter trains.
+
+    A bad ``DIFFAD_PRESET`` or ``DIFFAD_SET`` is a one-line PresetError naming the variable and
+    the field. The context records what came from the environment and prints it.
+    ``environment=False`` ignores both variables (where a chapter wants a preset whatever the
+    reader chose, e.g. the built-in data of ``"cpu"``).
+
+    MVTec-AD presets (:data:`MVTEC_PRESETS`: ``paper``, ``authors``) read ``DIFFAD_MVTEC``
+    (default ``./data/mvtec``, downloaded on Colab); other presets the built-in dataset, written
+    once into the cache. ``data_root`` overrides both.
+
     ``drive``: keep the cache (models, checkpoints, the OpenAI weights, scores) on Google Drive. By
-    default on Colab with the paper preset, unless ``DIFFAD_CACHE`` or ``cache`` names a folder:
+    default on Colab with an MVTec-AD preset, unless ``DIFFAD_CACHE`` or ``cache`` names a folder:
     hours of training then survive a disconnected runtime, and the next session resumes them.
     """
-    preset = get_preset(preset, **overrides)
+    chosen, environment_overrides = environment_settings() if environment else (None, {})
+    preset = get_preset(chosen or preset, **overrides)
+    if environment_overrides:
+        preset = preset.replace(**environment_overrides)
+    from_environment: dict[str, Any] = {}
+    if chosen is not None:
+        from_environment[PRESET_VARIABLE] = chosen
+    if environment_overrides:
+        from_environment[SET_VARIABLE] = environment_overrides
     if drive is None:
-        drive = on_colab() and preset.name == "paper" and cache is None and "DIFFAD_CACHE" not in os.environ
+        drive = on_colab() and reads_mvtec(preset) and cache is None and "DIFFAD_CACHE" not in os.environ
     if drive:
         cache = drive_cache() or cache
         if cache is not None:
             os.environ["DIFFAD_CACHE"] = str(cache)  # fit's downloads (OpenAI weights) go there too
     cache = cache_dir(cache)
     if data_root is None:
-        if preset.name == "paper":
+        if reads_mvtec(preset):
             data_root = Path(os.environ.get("DIFFAD_MVTEC", "data/mvtec"))
             if not data_root.is_dir() or not list_categories(data_root):
                 if not on_colab():
@@ -100,7 +244,7 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
         else:
             data_root = make_builtin_dataset(cache / "builtin", seed=0, image_size=BUILTIN_IMAGE_SIZE)
     data_root = Path(data_root)
-    return Context(preset, pick_device(device), data_root, list_categories(data_root), cache)
+    return Context(preset, pick_device(device), data_root, list_categories(data_root), cache, from_environment)
 
 
 def development(ctx: Context) -> Context:

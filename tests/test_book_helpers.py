@@ -9,7 +9,15 @@ import torch
 from diffad import book
 from diffad.ablations import rescored
 from diffad.evaluate import CategoryData
-from diffad.presets import get_preset
+from diffad.presets import PRESETS, PresetError, get_preset
+
+
+@pytest.fixture(autouse=True)
+def no_preset_from_the_environment(monkeypatch):
+    """These tests choose their presets themselves: a DIFFAD_PRESET or DIFFAD_SET exported in the
+    developer's shell must not switch them (the tests below set them through monkeypatch)."""
+    monkeypatch.delenv("DIFFAD_PRESET", raising=False)
+    monkeypatch.delenv("DIFFAD_SET", raising=False)
 
 
 @pytest.fixture()
@@ -139,3 +147,128 @@ def test_variant_study_context_keeps_the_data_and_shortens_only_the_cpu_schedule
     assert book.shipped_checkpoint(cpu.preset, ["brick"]).name == "cpu-brick.pt"
     paper = book.setup("paper", data_root=tiny_builtin, cache=tmp_path / "cache", device="cpu")
     assert book.variant_study(paper).preset == paper.preset
+
+
+# ------------------------------------------------------------- the preset from the environment
+
+@pytest.mark.parametrize("text, items", [
+    ("", []),
+    ("  train_steps=20 \n\t lr=1e-3 ", ["train_steps=20", "lr=1e-3"]),
+    ('unet_overrides={"model_channels": 32, "num_res_blocks": 1} train_steps=5',
+     ['unet_overrides={"model_channels": 32, "num_res_blocks": 1}', "train_steps=5"]),
+    ("test_timesteps=(5, 50, [1, {2: 3}]) alpha=0.5", ["test_timesteps=(5, 50, [1, {2: 3}])", "alpha=0.5"]),
+    # quotes stay in the item; brackets and spaces inside quotes do not count; \" escapes
+    ("init_checkpoint='my dir/w (1).pt' seed=1", ["init_checkpoint='my dir/w (1).pt'", "seed=1"]),
+    ('init_checkpoint="a \\" b" seed=1', ['init_checkpoint="a \\" b"', "seed=1"]),
+])
+def test_split_settings_splits_at_whitespace_outside_brackets_and_quotes(text, items):
+    assert book.split_settings(text) == items
+
+
+@pytest.mark.parametrize("text", ['unet_overrides={"a": 1', "test_timesteps=(5, 10]", "a=1)", "x='open"])
+def test_split_settings_refuses_unbalanced_brackets_and_quotes(text):
+    with pytest.raises(PresetError, match="^DIFFAD_SET: ") as error:
+        book.split_settings(text)
+    assert "\n" not in str(error.value)
+
+
+def test_diffad_preset_switches_the_preset(monkeypatch, tiny_builtin, tmp_path):
+    monkeypatch.setenv("DIFFAD_PRESET", "paper")
+    ctx = book.setup("cpu", data_root=tiny_builtin, cache=tmp_path, device="cpu")
+    assert ctx.preset == get_preset("paper")
+    assert ctx.environment == {"DIFFAD_PRESET": "paper"}
+    assert str(ctx).endswith("\nfrom the environment: DIFFAD_PRESET=paper")
+    # blank is unset; a preset passed as an object is replaced too
+    monkeypatch.setenv("DIFFAD_PRESET", " ")
+    assert book.setup("cpu", data_root=tiny_builtin, cache=tmp_path).preset == get_preset("cpu")
+    monkeypatch.setenv("DIFFAD_PRESET", "authors")
+    assert book.setup(get_preset("cpu"), data_root=tiny_builtin, cache=tmp_path).preset == get_preset("authors")
+
+
+def test_diffad_set_applies_typed_overrides_and_prints_them(monkeypatch, tiny_builtin, tmp_path):
+    monkeypatch.setenv("DIFFAD_SET", 'train_steps=20 unet_overrides={"model_channels": 32, "num_res_blocks": 1}'
+                                     " test_timesteps=(5, 10) precision=fp32 grad_clip=None"
+                                     " standardize_features=false")
+    ctx = book.setup("cpu", data_root=tiny_builtin, cache=tmp_path, device="cpu")
+    wanted = dict(train_steps=20, unet_overrides={"model_channels": 32, "num_res_blocks": 1},
+                  test_timesteps=(5, 10), precision="fp32", grad_clip=None, standardize_features=False)
+    assert ctx.preset == get_preset("cpu", **wanted)
+    assert type(ctx.preset.test_timesteps) is tuple and type(ctx.preset.train_steps) is int
+    assert ctx.environment == {"DIFFAD_SET": wanted}
+    assert ("from the environment: DIFFAD_SET: train_steps=20, unet_overrides={'model_channels': 32, "
+            "'num_res_blocks': 1}, test_timesteps=(5, 10)") in str(ctx)
+    # the same values as the command line's --set
+    from diffad.cli import parse_overrides
+
+    assert parse_overrides(book.split_settings(os.environ["DIFFAD_SET"])) == wanted
+
+
+def test_the_environment_wins_over_the_chapter(monkeypatch, tiny_builtin, tmp_path):
+    """DIFFAD_PRESET replaces the argument; the chapter's keyword fields apply to the preset it
+    chose; DIFFAD_SET applies on top of both."""
+    monkeypatch.setenv("DIFFAD_PRESET", "paper")
+    monkeypatch.setenv("DIFFAD_SET", "train_steps=7 lr_anneal_steps=7")
+    ctx = book.setup("cpu", data_root=tiny_builtin, cache=tmp_path, class_cond=False, train_steps=1200)
+    assert ctx.preset == get_preset("paper", class_cond=False, train_steps=7, lr_anneal_steps=7)
+    assert "DIFFAD_PRESET=paper; DIFFAD_SET: train_steps=7, lr_anneal_steps=7" in str(ctx)
+    # environment=False: the chapter's own choice, whatever the reader exported
+    ctx = book.setup("cpu", data_root=tiny_builtin, cache=tmp_path, environment=False, train_steps=1200)
+    assert ctx.preset == get_preset("cpu", train_steps=1200) and ctx.environment == {}
+    assert "from the environment" not in str(ctx)
+
+
+@pytest.mark.parametrize("variable, text, names", [
+    ("DIFFAD_SET", "train_steps=many", ["DIFFAD_SET", "'train_steps'", "'many'"]),
+    ("DIFFAD_SET", "train_steps=0", ["DIFFAD_SET", "'train_steps'"]),
+    ("DIFFAD_SET", 'unet_overrides={"a": 1', ["DIFFAD_SET", "'}'"]),
+    ("DIFFAD_SET", "precision=fp64", ["DIFFAD_SET", "'precision'", "fp64"]),
+    ("DIFFAD_SET", "trian_steps=5", ["DIFFAD_SET", "trian_steps", "train_steps"]),  # unknown, with the hint
+    ("DIFFAD_SET", "train_steps = 5", ["DIFFAD_SET", "name=value", "'train_steps'"]),
+    ("DIFFAD_SET", "name=paper", ["DIFFAD_SET", "'name'", "DIFFAD_PRESET"]),
+    ("DIFFAD_PRESET", "papper", ["DIFFAD_PRESET", "'papper'", "authors", "cpu", "paper"]),
+])
+def test_a_bad_environment_is_one_line_naming_the_variable_and_field(monkeypatch, tmp_path, variable, text,
+                                                                     names):
+    monkeypatch.setenv(variable, text)
+    with pytest.raises(PresetError) as error:
+        book.setup("cpu", data_root=tmp_path, cache=tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and all(name in message for name in names), message
+
+
+def test_every_preset_is_either_an_mvtec_preset_or_the_builtin_cpu_one():
+    """A new preset must say which data it reads: add it to book.MVTEC_PRESETS or to this test."""
+    assert set(book.MVTEC_PRESETS) | {"cpu"} == set(PRESETS)
+    assert "cpu" not in book.MVTEC_PRESETS
+
+
+@pytest.mark.parametrize("name", ["paper", "authors"])
+def test_mvtec_presets_read_diffad_mvtec(name, monkeypatch, tiny_builtin, tmp_path):
+    def no_builtin(*args, **kwargs):
+        raise AssertionError(f"{name} wrote the built-in dataset instead of reading DIFFAD_MVTEC")
+
+    monkeypatch.setattr(book, "make_builtin_dataset", no_builtin)
+    monkeypatch.setenv("DIFFAD_MVTEC", str(tiny_builtin))
+    ctx = book.setup(name, cache=tmp_path / "cache", device="cpu")
+    assert (ctx.preset.name, ctx.data_root, ctx.categories) == (name, tiny_builtin, ["brick", "nut"])
+    monkeypatch.setenv("DIFFAD_MVTEC", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="DIFFAD_MVTEC"):
+        book.setup(name, cache=tmp_path / "cache")
+    # chosen through the environment, the same
+    monkeypatch.setenv("DIFFAD_MVTEC", str(tiny_builtin))
+    monkeypatch.setenv("DIFFAD_PRESET", name)
+    assert book.setup("cpu", cache=tmp_path / "cache").data_root == tiny_builtin
+
+
+def test_the_cpu_preset_reads_the_builtin_dataset_whatever_diffad_mvtec_says(monkeypatch, tiny_builtin, tmp_path):
+    written = []
+
+    def builtin(root, **kwargs):
+        written.append((root, kwargs))
+        return tiny_builtin
+
+    monkeypatch.setattr(book, "make_builtin_dataset", builtin)
+    monkeypatch.setenv("DIFFAD_MVTEC", str(tmp_path / "nowhere"))
+    ctx = book.setup("cpu", cache=tmp_path / "cache", device="cpu")
+    assert ctx.data_root == tiny_builtin
+    assert written == [((tmp_path / "cache").resolve() / "builtin", {"seed": 0, "image_size": 256})]
