@@ -123,10 +123,15 @@ def unified_claim(changes: dict[str, float], matched_change: float | None,
 
 def denoise_claim(loss_before: float, loss_after: float, change_inside: float, change_outside: float) -> Claim:
     """Fig. 7's gradient denoising: the PaDiM loss falls, and the image changes more inside the
-    defect than outside it (mean |x_after - x_before| on the [0, 1] scale)."""
+    defect than outside it (mean |x_after - x_before| on the [0, 1] scale).
+
+    The loss after the run is given as its fall to the nearest 5%: a hundred normalised steps
+    amplify rounding until its third digit differs between CPUs and thread counts, even in
+    float64 (:mod:`diffad.denoise`), while the fall to the nearest 5% holds on every machine."""
     ok = [loss_after < loss_before, change_inside > change_outside]
-    measured = (f"PaDiM loss {loss_before:.1f} -> {loss_after:.1f}; change inside the defect {change_inside:.3f}, "
-                f"outside {change_outside:.3f}")
+    fall = 5 * round(20 * (1 - loss_after / loss_before))
+    measured = (f"PaDiM loss {loss_before:.1f}, about {fall}% lower after; change inside the defect "
+                f"{change_inside:.3f}, outside {change_outside:.3f}")
     return Claim("Fig. 7: gradient denoising removes the defect", "the defect fades while the rest stays",
                  measured, _share(sum(ok), len(ok)), "chapter 8")
 

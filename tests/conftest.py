@@ -13,10 +13,12 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build."""
+    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build;
+    tests marked ``after_chapters`` run last, after the chapters have filled book/cache."""
     for item in items:
         if str(item.fspath).endswith(".ipynb"):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=lambda item: item.get_closest_marker("after_chapters") is not None)  # stable
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,8 @@ def test_claims_refuse_unknown_verdicts_and_render():
     assert "**not tested**" in scorecard.scorecard_markdown([claim])
     denoise = scorecard.denoise_claim(10.0, 6.0, 0.05, 0.01)
     assert denoise.verdict == "replicated"
+    assert "PaDiM loss 10.0, about 40% lower after" in denoise.measured
+    # the fall to the nearest 5%: the loss's third digit moves between machines, this does not
+    assert scorecard.denoise_claim(97.9, 59.5, 0.088, 0.008).measured == scorecard.denoise_claim(
+        97.9, 59.9, 0.088, 0.008).measured
+    assert scorecard.denoise_claim(10.0, 12.0, 0.01, 0.05).verdict == "not replicated"

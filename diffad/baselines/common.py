@@ -94,13 +94,25 @@ class FeatureBaseline:
     def is_fitted(self) -> bool:
         return self.image_size is not None
 
-    def to(self, device) -> "FeatureBaseline":
-        """Move the backbone and every fitted statistic to ``device``."""
-        self.device = torch.device(device)
-        self.extractor.to(self.device)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the backbone, the fitted statistics and the scores."""
+        return next(self.extractor.parameters()).dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "FeatureBaseline":
+        """Move the backbone and every fitted statistic to ``device``, and cast them to ``dtype``.
+
+        ``dtype`` (float32 or float64; None keeps it): float64 makes a CPU computation that
+        amplifies rounding, such as gradient denoising, give the same digits on every CPU.
+        """
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.device = self.device if device is None else torch.device(device)
+        self.extractor.to(self.device, dtype)
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(self.device))
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                setattr(self, name, value.to(self.device, cast))
         return self
 
     def _check_fit_input(self, images) -> torch.Tensor:
@@ -120,7 +132,7 @@ class FeatureBaseline:
     def _batches(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """Batches of ``images`` on the device, in the backbone's [-1, 1] range."""
         for start in range(0, len(images), self.batch_size):
-            yield to_diffusion_range(images[start:start + self.batch_size].to(self.device))
+            yield to_diffusion_range(images[start:start + self.batch_size].to(self.device, self.dtype))
 
     def _to_maps(self, grid_maps: torch.Tensor) -> torch.Tensor:
         """Grid scores (N, h, w) -> smoothed maps (N, H, W) at the fitted image size."""

@@ -38,6 +38,8 @@ class PaDiM(FeatureBaseline):
         batch_size: images per backbone pass.
         chunk_size: grid positions per batched inverse / distance computation (memory bound).
         extractor: alternative keyword for a built :class:`FeatureExtractor`.
+        dtype: float32, or float64 for digits that hold on every CPU (``.to(dtype=...)``
+            casts a fitted model; the extractor is cast in place).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class PaDiM(FeatureBaseline):
         batch_size: int = 32,
         chunk_size: int = 1024,
         extractor: FeatureExtractor | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         if eps <= 0:
             raise ValueError(f"eps must be > 0 to keep the covariance invertible, got {eps}")
@@ -78,6 +81,7 @@ class PaDiM(FeatureBaseline):
         self.chunk_size = chunk_size
         self.mean: torch.Tensor | None = None  # (P, C)
         self.inv_covariance: torch.Tensor | None = None  # (P, C, C)
+        self.to(dtype=dtype)
 
     def __repr__(self) -> str:
         fitted = f"fitted on {self.image_size} images, grid {self.grid}" if self.is_fitted else "not fitted"
@@ -114,14 +118,14 @@ class PaDiM(FeatureBaseline):
             count += x.shape[0]
         centred_mean = total / count
         identity = torch.eye(outer.shape[-1], dtype=torch.float64, device=outer.device)
-        inverse = torch.empty(outer.shape, dtype=torch.float32, device=outer.device)
+        inverse = torch.empty(outer.shape, dtype=self.dtype, device=outer.device)
         for start in range(0, outer.shape[0], self.chunk_size):  # chunks: no second (P, C, C) float64 array
             m = centred_mean[start:start + self.chunk_size]
             covariance = (outer[start:start + self.chunk_size] - count * m[:, :, None] * m[:, None, :]) / (count - 1)
             covariance = 0.5 * (covariance + covariance.transpose(1, 2)) + self.eps * identity
             inv = torch.linalg.inv(covariance)
-            inverse[start:start + self.chunk_size] = (0.5 * (inv + inv.transpose(1, 2))).float()
-        self.mean = (shift + centred_mean).float()
+            inverse[start:start + self.chunk_size] = (0.5 * (inv + inv.transpose(1, 2))).to(self.dtype)
+        self.mean = (shift + centred_mean).to(self.dtype)
         self.inv_covariance = inverse
         self.grid = grid
         self.image_size = tuple(images.shape[-2:])
@@ -149,7 +153,7 @@ class PaDiM(FeatureBaseline):
         if tuple(features.shape[-2:]) != self.grid:
             raise ValueError(f"features are on a {tuple(features.shape[-2:])} grid, PaDiM was fitted on {self.grid}")
         batch = features.shape[0]
-        delta = features.flatten(2).permute(2, 0, 1).float() - self.mean[:, None]  # (P, B, C)
+        delta = features.flatten(2).permute(2, 0, 1).to(self.mean.dtype) - self.mean[:, None]  # (P, B, C)
         squared = []
         for start in range(0, delta.shape[0], self.chunk_size):
             d = delta[start:start + self.chunk_size]  # a batched matmul per position: (p, B, C) @ (p, C, C)
@@ -170,7 +174,7 @@ class PaDiM(FeatureBaseline):
             raise ValueError(f"images must have shape (B, 3, H, W), got {shape}")
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} but PaDiM was fitted on {self.image_size} images")
-        return self.mahalanobis(self.features(images.to(self.device)))
+        return self.mahalanobis(self.features(images.to(self.device, self.dtype)))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -65,9 +65,10 @@ NORM_GROUPS = 32  # guided-diffusion normalises with GroupNorm(32, channels) eve
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups that always computes in float32 and returns the input dtype.
+    """GroupNorm with 32 groups that computes in float32 or wider and returns the input dtype.
 
-    Keeps normalisation statistics accurate under float16/bfloat16 autocast.
+    Keeps normalisation statistics accurate under float16/bfloat16 autocast; a float64 model
+    (gradient denoising on a CPU, :mod:`diffad.denoise`) normalises in float64.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
@@ -84,7 +85,9 @@ class GroupNorm32(nn.GroupNorm):
         return self._normalise(x)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return F.group_norm(x.to(dtype), self.num_groups, self.weight.to(dtype), self.bias.to(dtype),
+                            self.eps).type(x.dtype)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -98,8 +101,9 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, shape (N, dim).
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (N, dim), in ``dtype``.
 
     guided-diffusion's convention: the first half holds cosines, the second half sines, with
     frequencies ``max_period ** (-i / half)`` for ``i = 0 .. half-1``; an odd ``dim`` gets a
@@ -108,8 +112,8 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if timesteps.ndim != 1:
         raise ValueError(f"timesteps must be a 1-D tensor, got shape {tuple(timesteps.shape)}")
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    args = timesteps[:, None].float() * torch.exp(exponent)[None]
+    exponent = -math.log(max_period) * torch.arange(half, dtype=dtype, device=timesteps.device) / half
+    args = timesteps[:, None].to(dtype) * torch.exp(exponent)[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
@@ -250,7 +254,7 @@ class ResBlock(TimestepBlock):
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention on (B*heads, ch, T) tensors, softmax in float32.
+    """Scaled dot-product attention on (B*heads, ch, T) tensors, softmax in float32 or wider.
 
     q and k are each scaled by ch**-1/4 before the product (more stable in float16 than
     dividing the logits afterwards), exactly as guided-diffusion does.
@@ -258,7 +262,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     ch = q.shape[1]
     scale = 1.0 / math.sqrt(math.sqrt(ch))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    weight = torch.softmax(weight.to(torch.promote_types(weight.dtype, torch.float32)), dim=-1).type(weight.dtype)
     return torch.einsum("bts,bcs->bct", weight, v)
 
 
@@ -581,7 +585,9 @@ class UNetModel(nn.Module):
         if return_features and self.feature_block_index is None:
             raise ValueError("return_features=True needs a feature head: build the model with feature_channels set")
 
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        # float32 (under autocast too), float64 for a float64 model and input
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels,
+                                                 dtype=torch.promote_types(x.dtype, torch.float32)))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
 
