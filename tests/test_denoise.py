@@ -225,7 +225,7 @@ def test_step_size_defaults_to_the_presets(model, padim, anomalous):
 
 @pytest.fixture(scope="module")
 def padim64():
-    extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)
+    extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)  # online: checked, lite0 loads from the installed wheel
     return PaDiM(extractor, n_features=32, device="cpu", dtype=torch.float64).fit(smooth_noise(8, seed=0))
 
 
@@ -259,7 +259,7 @@ _PORTABILITY_RUN = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_denoise import FeatureExtractor, PaDiM, gradient_denoise, smooth_noise, tiny_model
-extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)
+extractor = FeatureExtractor("tf_efficientnet_lite0", pretrained=True, input_size=64)  # online: checked, lite0 loads from the installed wheel
 padim = PaDiM(extractor, n_features=32, device="cpu", dtype=torch.{dtype}).fit(smooth_noise(8, seed=0))
 images = smooth_noise(2, seed=1)
 images[:, :, 8:16, 10:18] = 1.0
