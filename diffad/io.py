@@ -20,7 +20,8 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["cache_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace"]
+__all__ = ["cache_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace",
+           "space_to_write", "free_disk_bytes"]
 
 # torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
 _SAVE_OVERHEAD = 1.02
@@ -47,6 +48,19 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+def space_to_write(nbytes: int) -> int:
+    """Free bytes :func:`atomic_save` asks for before writing ``nbytes`` of tensors: a margin for the format."""
+    return int(nbytes * _SAVE_OVERHEAD) + _SAVE_SLACK_BYTES
+
+
+def free_disk_bytes(path: str | Path) -> tuple[int, Path]:
+    """Free bytes on the disk of ``path`` (a folder not made yet: its nearest existing parent), and that folder."""
+    folder = Path(path).expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free, folder
+
+
 def check_free_space(folder: Path, needed: int) -> None:
     """Raise :class:`InsufficientDiskSpace` naming ``folder`` and the bytes needed when it lacks room."""
     free = shutil.disk_usage(folder).free
@@ -65,7 +79,7 @@ def atomic_save(obj, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_free_space(path.parent, int(tensor_bytes(obj) * _SAVE_OVERHEAD) + _SAVE_SLACK_BYTES)
+    check_free_space(path.parent, space_to_write(tensor_bytes(obj)))
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

@@ -12,7 +12,9 @@ counted (``skipped`` in the history), not an error, and the EMA moves only after
 The loop reads its losses on the host every ``LOG_EVERY`` steps, not every step.
 Checkpoints hold model, EMA, optimizer, step and every random state, and are written
 atomically (a temporary file, then a rename): a run interrupted and resumed ends with the same
-weights as one that was not.
+weights as one that was not. A finished run keeps ``model.pt`` and deletes its checkpoint; a run
+that the free disk could not carry to its end is refused before its first step
+(:class:`InsufficientDiskSpace`, sized by :meth:`TrainingPlan.disk_bytes_needed`).
 
 Under ``torchrun --nproc_per_node N`` one model trains with DistributedDataParallel: every rank
 draws the preset's whole batch from the same seeded stream and trains on its N-th of it, so N
@@ -42,11 +44,12 @@ from diffad.data import MVTecAD, to_diffusion_range
 from diffad.device import (CUDA_BLOCK_BYTES, GIB, Accelerator, PeakMemory, Precision, accelerator_of,
                            choose_precision, pick_device)
 from diffad.diffusion import GaussianDiffusion
-from diffad.io import atomic_save, load_torch_file
+from diffad.io import InsufficientDiskSpace, atomic_save, free_disk_bytes, load_torch_file, space_to_write
 from diffad.models import create_unet, load_guided_diffusion_checkpoint, resolve_init_checkpoint
 from diffad.presets import SCORING_FIELDS, Preset, get_preset, training_differences
 
-__all__ = ["fit", "training_step", "plan_training", "TrainingPlan", "TrainedModel", "pick_device", "atomic_save"]
+__all__ = ["fit", "training_step", "plan_training", "TrainingPlan", "StateSize", "TrainedModel", "pick_device",
+           "atomic_save", "InsufficientDiskSpace"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.pt"
@@ -381,6 +384,38 @@ ASSUMED_UTILISATION = 0.35
 GPU_RESERVE_BYTES = GIB
 # The categories of MVTec-AD: the models of the paper's Table 1, one per category.
 TABLE_CATEGORIES = 15
+# What torch.save writes beyond the tensors' bytes (measured on the tiny, cpu and a 15M-parameter UNet):
+# per tensor its zip entry, alignment and pickled reference (320 to 390 bytes), per step of the history
+# its record (60), and a few KiB once (the random states, the preset).
+SAVED_BYTES_PER_TENSOR = 350
+SAVED_BYTES_PER_STEP = 64
+SAVED_FIXED_BYTES = 16 << 10
+GB = 10**9  # disk sizes in decimal GB, as disks and Google Drive state them
+
+
+@dataclass(frozen=True)
+class StateSize:
+    """A UNet's state as a plan counts it, on the meta device (nothing allocated): one copy of its
+    weights, and what AdamW keeps beside each parameter (two moments of its dtype and a step count)."""
+
+    parameters: int  # elements of the trainable parameters
+    parameter_bytes: int  # their bytes, at their dtypes
+    parameter_tensors: int
+    state_bytes: int  # the state dict (parameters and persistent buffers): one saved copy of the weights
+    state_tensors: int
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "StateSize":
+        params = [p for p in module.parameters() if p.requires_grad]
+        state = module.state_dict().values()
+        return cls(sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params), len(params),
+                   sum(t.numel() * t.element_size() for t in state), len(state))
+
+
+def saved_file_bytes(tensor_bytes: int, tensors: int, history_steps: int) -> int:
+    """The size of a torch.save file of ``tensors`` tensors (``tensor_bytes``) and a history of that many steps."""
+    return (tensor_bytes + tensors * SAVED_BYTES_PER_TENSOR + history_steps * SAVED_BYTES_PER_STEP
+            + SAVED_FIXED_BYTES)
 
 
 @dataclass(frozen=True)
@@ -398,6 +433,7 @@ class TrainingPlan:
     num_classes: int = 1  # classes of the model: more than 1, a unified model of that many categories
     gpus: int | None = None  # GPUs the whole table is planned on (None: not asked)
     table_categories: int = TABLE_CATEGORIES  # categories of the table, one model each unless unified
+    unet_size: StateSize | None = None  # the planned UNet's parameters and state (None: not counted)
 
     @property
     def channels_last(self) -> bool:
@@ -422,7 +458,8 @@ class TrainingPlan:
 
     def describe(self) -> str:
         """One line, e.g. ``T4 15.0 GiB sm_75: fp16 autocast + GradScaler, gradient checkpointing, EMA on
-        the device; est. peak 11.3 of 14.0 GiB; est. 0.8 s/step, 2.2 h for 10000 steps``."""
+        the device; est. peak 11.3 of 14.0 GiB; est. 0.8 s/step, 2.2 h for 10000 steps; disk: checkpoint
+        8.85 GB, model.pt 2.21 GB, 17.9 GB free per model, 48.9 GB for the table's 15 models``."""
         acc = self.accelerator
         where = "cpu" if acc is None else (f"{acc.name} {acc.memory_gib:.1f} GiB "
                                            f"sm_{acc.compute_capability[0]}{acc.compute_capability[1]}")
@@ -450,11 +487,81 @@ class TrainingPlan:
                 line += (f"; the table ({self.table_categories} categories, one model each) on {gpus}: "
                          f"{self.table_rounds} round{'s' if self.table_rounds > 1 else ''}, "
                          f"est. {self.hours_for_table:.1f} h")
+        if self.unet_size is not None:
+            line += (f"; disk: checkpoint {self.checkpoint_bytes / GB:.2f} GB, model.pt {self.model_bytes / GB:.2f} "
+                     f"GB, {self.disk_bytes_per_category / GB:.1f} GB free per model")
+            if not self.unified:
+                line += f", {self.disk_bytes_for_table / GB:.1f} GB for the table's {self.table_categories} models"
         return line
 
     @property
     def unified(self) -> bool:
         return self.num_classes > 1
+
+    @property
+    def checkpoint_bytes(self) -> int | None:
+        """The resumable ``checkpoint.pt`` of a finished run: UNet and EMA at their dtypes (float32: the
+        autocast precisions change the arithmetic, not the weights), AdamW's two moments and step per
+        parameter, the random states and the history. About 16 bytes per parameter."""
+        size = self.unet_size
+        if size is None:
+            return None
+        tensor_bytes = 2 * size.state_bytes + 2 * size.parameter_bytes + 4 * size.parameter_tensors
+        return saved_file_bytes(tensor_bytes, 2 * size.state_tensors + 3 * size.parameter_tensors,
+                                self.preset.train_steps)
+
+    @property
+    def model_bytes(self) -> int | None:
+        """``model.pt`` as :func:`fit` writes it for a finished run: the EMA weights in float32
+        (``TrainedModel.save``'s default; ``half=True`` would halve it), the feature statistics and the history."""
+        size = self.unet_size
+        if size is None:
+            return None
+        return saved_file_bytes(size.state_bytes, size.state_tensors + 2, self.preset.train_steps)
+
+    def checkpoint_writes(self, from_step: int = 0) -> int:
+        """Checkpoints a run writes from ``from_step`` to its end: every ``checkpoint_every`` steps and at the last."""
+        steps, every = self.preset.train_steps, self.preset.checkpoint_every
+        if from_step >= steps:
+            return 0
+        return steps // every - from_step // every + (1 if steps % every else 0)
+
+    def disk_bytes_needed(self, from_step: int = 0, checkpoint_on_disk: int = 0) -> int | None:
+        """Free disk the rest of a run needs, from ``from_step`` with its checkpoint of ``checkpoint_on_disk``
+        bytes already written: exactly what the run's own writes will ask for, so a run that starts can finish.
+
+        A checkpoint is written beside the one it replaces (a temporary file, then a rename), so from the
+        second write on the disk holds two checkpoints at once; ``model.pt`` is written beside the last
+        checkpoint, which is then deleted. Each write asks for its bytes and a small margin
+        (:func:`diffad.io.space_to_write`). From scratch, with two writes or more: two checkpoints and the margin.
+        """
+        if self.unet_size is None:
+            return None
+        checkpoint, held = self.checkpoint_bytes, checkpoint_on_disk
+        needed, grown = 0, 0  # grown: how much more the disk holds than now, when the next file is written
+        for _ in range(min(self.checkpoint_writes(from_step), 2)):  # a third write needs what the second did
+            needed = max(needed, grown + space_to_write(checkpoint))
+            grown, held = grown + checkpoint - held, checkpoint
+        return max(needed, grown + space_to_write(self.model_bytes))
+
+    @property
+    def disk_bytes_per_category(self) -> int | None:
+        """The free disk one model's training needs at its peak (:meth:`disk_bytes_needed` from scratch)."""
+        return self.disk_bytes_needed()
+
+    @property
+    def disk_bytes_for_table(self) -> int | None:
+        """The free disk the whole table needs: the models already finished kept, beside the runs under way
+        (one at a time on one GPU; ``gpus`` at once when ``reproduce`` spreads them), at their peak."""
+        if self.unet_size is None:
+            return None
+        if self.unified:
+            return self.disk_bytes_per_category
+        runs_at_once, peak = min(self.gpus or 1, self.table_categories), 0
+        for done in range(0, self.table_categories, runs_at_once):
+            running = min(runs_at_once, self.table_categories - done)
+            peak = max(peak, done * self.model_bytes + running * self.disk_bytes_per_category)
+        return peak
 
     @property
     def hours_per_model(self) -> float | None:
@@ -498,6 +605,9 @@ class TrainingPlan:
             "table_models": 1 if self.unified else self.table_categories,
             "table_rounds": self.table_rounds, "table_ranks": self.table_ranks if self.unified else 1,
             "hours_for_table": self.hours_for_table,
+            "unet_parameters": None if self.unet_size is None else self.unet_size.parameters,
+            "checkpoint_bytes": self.checkpoint_bytes, "model_bytes": self.model_bytes,
+            "disk_bytes_per_category": self.disk_bytes_per_category, "disk_bytes_for_table": self.disk_bytes_for_table,
             "summary": self.describe(),
         }
 
@@ -514,6 +624,7 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
     EMA on the device, then checkpointing, then the EMA on the host) and the first whose
     estimated peak fits the memory less 1 GiB is taken. The estimate runs one real
     :func:`training_step` on fake tensors (:func:`estimate_training_step`): no GPU, no weights.
+    The UNet's parameters are counted on the meta device, for the plan's file sizes and disk needs.
 
     ``gpus`` adds the whole table's training time on that many such GPUs (``reproduce`` under
     torchrun): ``table_categories`` (MVTec-AD's 15 by default) models, one per category, spread
@@ -540,9 +651,12 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
         candidates = candidates[:1]
     if feature_channels is None:
         feature_channels = FeatureExtractor(preset.backbone, layers=preset.backbone_layers, pretrained=False).out_channels
+    with torch.device("meta"):  # counted, not allocated: the paper's UNet has 554M parameters
+        unet_size = StateSize.of(build_unet(preset, feature_channels, num_classes if preset.class_cond else None))
     plan = None
     for gradient_checkpointing, ema_device in candidates:
-        plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device, **table)
+        plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device, **table,
+                            unet_size=unet_size)
         if not estimate:
             return plan
         peak, _ = estimate_training_step(plan, feature_channels, num_classes)
@@ -619,9 +733,23 @@ def fit(
     ``out_dir`` receives ``checkpoint.pt`` every ``checkpoint_every`` steps and ``model.pt`` (EMA
     weights) at the end; a finished ``model.pt`` is loaded instead of retraining, a checkpoint
     resumed. Several categories train one unified, class-conditional model. ``stop_after``
-    ends the run early after that many steps in this call (for demonstrations and tests of resume).
+    ends the run early after that many steps in this call (for demonstrations and tests of resume);
+    its checkpoint stays for the next call.
     Before training, the device plan (precision, gradient checkpointing, where the EMA lives,
-    estimated peak memory on a GPU) is printed.
+    estimated peak memory on a GPU, the disk it needs) is printed.
+
+    Disk, for a Colab whose Google Drive has a few GB free: a finished run keeps only ``model.pt``.
+    Once ``model.pt`` is written (atomically), the resumable ``checkpoint.pt`` (about 4 times its
+    size: weights, EMA and AdamW's two moments) is deleted, and so is one left beside a finished
+    model by a run cut off in between, with any temporary file of an interrupted write. Before the
+    first step, a run whose rest needs more free space at ``out_dir`` than there is (two checkpoints
+    at once while one replaces the other, then the model: :meth:`TrainingPlan.disk_bytes_needed`)
+    is refused with :class:`InsufficientDiskSpace` (an OSError) saying needed and free GB, rather
+    than failing at a later checkpoint.
+
+    Memory on resume: the models are built from the checkpoint's own tensors, not built and then
+    overwritten, so host memory holds the checkpoint's state once, also where it cannot be
+    memory-mapped (a Google Drive mount) and the file is read whole (:meth:`_TrainingRun.restore`).
 
     Several processes (``ddp``; None: whenever torchrun started this one among several) train
     one model with DistributedDataParallel, each on ``cuda:LOCAL_RANK`` (NCCL) or the CPU
@@ -657,30 +785,60 @@ def _fit(data_root, categories, out_dir, preset, device, progress, stop_after, d
         preset = preset.replace(class_cond=True)  # one model for several categories needs the label
     out_dir, device = Path(out_dir), pick_device(device)
     model_path, ckpt_path = out_dir / MODEL_NAME, out_dir / CHECKPOINT_NAME
+    writer = not ddp or distributed.is_main()
     if model_path.is_file():
         trained = TrainedModel.load(model_path, device)
         _check_same_run(trained.preset, trained.categories, preset, categories, model_path)
+        if writer:  # a run cut off between writing model.pt and deleting its checkpoint
+            _remove_resumable_state(out_dir)
         trained.preset = preset  # same training; the scoring settings asked for now
         return trained
-    state = None
-    if ckpt_path.is_file():
-        state = load_torch_file(ckpt_path)
-        _check_same_run(Preset.from_dict(state["preset"]), state["categories"], preset, categories, ckpt_path)
+    resuming = ckpt_path.is_file()
     if ddp:  # one download per cache: rank 0 first, the others then find the file
-        init = distributed.in_turn(lambda: resolve_init_checkpoint(preset.init_checkpoint)) if state is None else None
+        init = None if resuming else distributed.in_turn(lambda: resolve_init_checkpoint(preset.init_checkpoint))
     else:
-        init = resolve_init_checkpoint(preset.init_checkpoint) if state is None else None  # fails fast offline
-    run = _TrainingRun.start(data_root, categories, preset, device, init, progress, ddp)
-    if state is not None:
-        run.restore(state)
+        init = None if resuming else resolve_init_checkpoint(preset.init_checkpoint)  # fails fast offline
+    run = _TrainingRun.start(data_root, categories, preset, device, init, progress, ddp, ckpt_path)
     run.train(preset.train_steps if stop_after is None else min(preset.train_steps, run.step + stop_after),
               ckpt_path, progress)
     trained = TrainedModel(preset, categories, run.ema, run.extractor.out_channels, run.history, run.stats)
     if run.step >= preset.train_steps and run.rank == 0:
         trained.save(model_path)
+        _remove_resumable_state(out_dir)  # the finished model replaces it, a quarter of its size
     if ddp:
         distributed.wait_for_all("rank 0 writing model.pt")
     return trained
+
+
+def _remove_resumable_state(out_dir: Path) -> None:
+    """Delete the checkpoint of a finished run, and temporary files of writes that were cut off."""
+    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
+    _remove_interrupted_writes(out_dir)
+
+
+def _remove_interrupted_writes(out_dir: Path) -> None:
+    """Delete what atomic writes of the checkpoint or model cut off in the middle left behind (a killed
+    runtime): temporary files as large as the checkpoint, which nothing reads."""
+    for name in (CHECKPOINT_NAME, MODEL_NAME):
+        for leftover in out_dir.glob(f"{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+def check_disk_for_run(plan: TrainingPlan, out_dir: Path, from_step: int = 0, checkpoint_on_disk: int = 0) -> None:
+    """Refuse, before its first step, a run whose rest needs more free disk at ``out_dir`` than there is.
+
+    The need is :meth:`TrainingPlan.disk_bytes_needed`; the free space is that of ``out_dir``'s disk
+    (its nearest existing folder). Without this, a run short of space would fail at a checkpoint hours in.
+    """
+    needed = plan.disk_bytes_needed(from_step, checkpoint_on_disk)
+    free, folder = free_disk_bytes(out_dir)
+    if needed is not None and free < needed:
+        raise InsufficientDiskSpace(
+            f"not enough free disk space to train into {out_dir}: the rest of this run needs about "
+            f"{needed / GB:.3g} GB (checkpoints of {plan.checkpoint_bytes / GB:.3g} GB, two at once while one "
+            f"replaces the other, then model.pt of {plan.model_bytes / GB:.3g} GB) and {free / GB:.3g} GB are free "
+            f"on the disk of {folder}; free some space there, or train into a folder on a larger disk "
+            f"(another out_dir or --out, or DIFFAD_CACHE pointed elsewhere for the book's cache)")
 
 
 class _TrainingRun:
@@ -688,7 +846,9 @@ class _TrainingRun:
 
     @classmethod
     def start(cls, data_root, categories, preset: Preset, device: torch.device, init, progress: bool,
-              ddp: bool = False):
+              ddp: bool = False, ckpt_path: Path | None = None):
+        """A run ready for its next step: fresh (from ``init`` weights, or a new initialisation), or resumed
+        from ``ckpt_path`` when that file exists. Rank 0 refuses it first if the disk could not hold the rest."""
         self = cls()
         self.preset, self.categories, self.device = preset, categories, device
         self.ddp = ddp
@@ -709,14 +869,27 @@ class _TrainingRun:
                 line += (f"; DDP over {self.world} processes, batch {preset.batch_size} = "
                          f"{self.world} x {self.share}")
             print(line)
-        self.unet = build_unet(preset, self.extractor.out_channels, self.num_classes, self.plan.gradient_checkpointing)
-        if init is not None:
-            load_guided_diffusion_checkpoint(self.unet, init)
-        self.unet.to(device)
-        ema_device = device if self.plan.ema_device == "device" else torch.device("cpu")
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False).to(ema_device)
-        self.optimizer = make_optimizer(self.unet, preset, device.type)
+        self.ema_device = device if self.plan.ema_device == "device" else torch.device("cpu")
         self.scaler = torch.amp.GradScaler(device.type) if self.plan.precision.needs_grad_scaler else None
+        self.step, self.history, self.skipped_steps = 0, [], 0
+        state = None
+        if ckpt_path is not None and ckpt_path.is_file():
+            state = self.read_checkpoint(ckpt_path)
+        if ckpt_path is not None and self.rank == 0:
+            _remove_interrupted_writes(ckpt_path.parent)
+            check_disk_for_run(self.plan, ckpt_path.parent, 0 if state is None else state["step"],
+                               ckpt_path.stat().st_size if state is not None else 0)
+        if state is None:
+            self.unet = build_unet(preset, self.extractor.out_channels, self.num_classes,
+                                   self.plan.gradient_checkpointing)
+            if init is not None:
+                load_guided_diffusion_checkpoint(self.unet, init)
+            self.unet.to(device)
+            self.ema = copy.deepcopy(self.unet).requires_grad_(False).to(self.ema_device)
+            self.optimizer = make_optimizer(self.unet, preset, device.type)
+        else:
+            self.restore(state)
+            del state
         if self.plan.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.diffusion = build_diffusion(preset)
@@ -728,19 +901,47 @@ class _TrainingRun:
             self.targets = standardize(self.targets, self.stats) if self.targets is not None else None
         # The statistics on the device once, not copied there for every batch.
         self.device_stats = None if self.stats is None else tuple(s.to(device) for s in self.stats)
-        self.step, self.history, self.skipped_steps = 0, [], 0
         return self
 
+    def read_checkpoint(self, path: Path) -> dict:
+        """A checkpoint of this very run (else a ValueError naming what differs), on the CPU.
+
+        Memory-mapped only where every tensor leaves the host (a GPU run with its EMA there): a tensor
+        kept on the CPU would stay mapped from a file the next checkpoint replaces, holding that file's
+        disk space for the whole run. Otherwise, and where the file system refuses mmap, it is read whole.
+        """
+        on_host = self.device.type == "cpu" or self.ema_device.type == "cpu"
+        state = load_torch_file(path, mmap=not on_host)
+        _check_same_run(Preset.from_dict(state["preset"]), state["categories"], self.preset, self.categories, path)
+        return state
+
     def restore(self, state: dict) -> None:
-        """Continue from a checkpoint: weights, EMA, optimizer, loss scale, step, history, random streams."""
-        self.unet.load_state_dict(state["unet"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Build the models from a checkpoint: weights, EMA, optimizer, loss scale, step, history, random streams.
+
+        Not built and then overwritten: the UNet and its EMA are made on the meta device (no memory) and
+        take the checkpoint's tensors themselves (``assign=True``) before moving to their devices, AdamW
+        takes its moments as they are (on the CPU, no copy), and each part leaves ``state`` as it is
+        consumed. So the checkpoint's state is held once, never beside a second copy: on the CPU the host
+        memory peaks at its size, on a GPU the host copy goes as the weights move over. The values are
+        the saved ones, bit for bit, as a copy into fresh weights would give.
+        """
+        with torch.device("meta"):
+            template = build_unet(self.preset, self.extractor.out_channels, self.num_classes,
+                                  self.plan.gradient_checkpointing)
+        self.unet, self.ema = template, copy.deepcopy(template)
+        # The layout of fresh weights (a GPU run saved its UNet channels-last; start() converts it again
+        # where the plan says so); a tensor already in it stays where it is, uncopied.
+        self.unet.load_state_dict(state.pop("unet"), assign=True)
+        self.unet.to(self.device, memory_format=torch.contiguous_format)
+        self.ema.load_state_dict(state.pop("ema"), assign=True)
+        self.ema.requires_grad_(False).to(self.ema_device, memory_format=torch.contiguous_format)
+        self.optimizer = make_optimizer(self.unet, self.preset, self.device.type)
+        self.optimizer.load_state_dict(state.pop("optimizer"))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.history = state["step"], state["history"]
         self.skipped_steps = skipped_in(self.history)
-        _set_rng_states(self.generator, state["rng"], self.device)
+        _set_rng_states(self.generator, state.pop("rng"), self.device)  # nothing after this draws from them
 
     def save(self, path: Path) -> None:
         atomic_save({
