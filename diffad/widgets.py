@@ -14,6 +14,8 @@ from diffad.scoring import NORMALIZATIONS, RawMaps
 from diffad.tables import html_table
 
 EXPLORER_METHODS = ("ensemble", "kl", "feature")
+# The dropdowns' choices: "none" (the authors' raw maps, summed 1:1) is offered only where the preset
+# itself scores so (the authors preset); on raw maps alpha weighs scales, not evidence.
 MAP_NORMALIZATIONS = tuple(n for n in NORMALIZATIONS if n != "none")
 
 
@@ -79,8 +81,10 @@ def alpha_explorer(data, raw_test: RawMaps, raw_val: RawMaps, preset, indices=No
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
     for name, value in (("normalization", normalization), ("image_normalization", image_normalization)):
-        if value not in MAP_NORMALIZATIONS and not (name == "image_normalization" and value is None):
-            raise ValueError(f"{name} must be one of {MAP_NORMALIZATIONS}; got {value!r}")
+        if value not in NORMALIZATIONS and not (name == "image_normalization" and value is None):
+            raise ValueError(f"{name} must be one of {NORMALIZATIONS}; got {value!r}")
+    choices = MAP_NORMALIZATIONS + tuple(n for n in NORMALIZATIONS if n not in MAP_NORMALIZATIONS
+                                         and n in (normalization, image_normalization))
     if indices is None:
         from diffad.viz import pick_examples
 
@@ -88,8 +92,8 @@ def alpha_explorer(data, raw_test: RawMaps, raw_val: RawMaps, preset, indices=No
 
     slider = widgets.FloatSlider(value=alpha, min=0.0, max=1.0, step=0.05, description="alpha",
                                  continuous_update=False, readout_format=".2f")
-    dropdown = widgets.Dropdown(options=list(MAP_NORMALIZATIONS), value=normalization, description="maps")
-    image_dropdown = widgets.Dropdown(options=[("as the maps", None)] + [(n, n) for n in MAP_NORMALIZATIONS],
+    dropdown = widgets.Dropdown(options=list(choices), value=normalization, description="maps")
+    image_dropdown = widgets.Dropdown(options=[("as the maps", None)] + [(n, n) for n in choices],
                                       value=image_normalization, description="image score")
     metrics = widgets.HTML()
     image = widgets.Image(format="png")

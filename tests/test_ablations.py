@@ -25,6 +25,14 @@ def test_unified_overrides_are_class_conditional_and_longer():
         ablations.unified_overrides("nope")
 
 
+def test_unified_overrides_of_other_presets_double_their_own_steps():
+    # authors (what chapters 11 and 14 recommend on a GPU) and a preset made by hand
+    assert ablations.unified_overrides("authors") == {
+        "class_cond": True, "train_steps": 20_000, "lr_anneal_steps": 20_000}
+    mine = get_preset("paper").replace(name="mine", train_steps=300)
+    assert ablations.unified_overrides(mine)["train_steps"] == 600
+
+
 def test_rescored_changes_scoring_only_and_shares_weights(tiny_model):
     other = ablations.rescored(tiny_model, test_timesteps=(1, 2), timestep_mode="authors")
     assert other.preset.test_timesteps == (1, 2) and other.preset.timestep_mode == "authors"

@@ -114,6 +114,12 @@ def test_defect_type_metrics_equal_the_metrics_on_each_subset():
         analysis.defect_type_metrics(data, {"c": torch.zeros(5, 4, 4)})
 
 
+def test_markdown_table_shows_a_missing_cell_as_a_dash():
+    text = analysis.markdown_table([{"kind": "hole", "carpet": 0.9}, {"kind": "bent", "metal_nut": 0.8}],
+                                   ["kind", "carpet", "metal_nut"], digits=1)
+    assert text.splitlines()[2:] == ["| hole | 0.9 | - |", "| bent | - | 0.8 |"]
+
+
 def test_markdown_table():
     text = analysis.markdown_table([{"name": "kl", "value": 0.98765}, {"name": "rgb", "value": 1}], digits=2)
     assert text.splitlines() == ["| name | value |", "|---|---|", "| kl | 0.99 |", "| rgb | 1 |"]

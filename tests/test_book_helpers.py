@@ -94,6 +94,25 @@ def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch
     assert os.environ["DIFFAD_CACHE"] == str(tmp_path / "local")  # fit's downloads go there too
 
 
+def test_a_drive_too_small_for_a_paper_run_keeps_the_cache_local(tmp_path, monkeypatch, capsys, tiny_builtin):
+    import collections
+    import shutil
+
+    monkeypatch.setenv("DIFFAD_CACHE", str(tmp_path / "unused"))
+    monkeypatch.delenv("DIFFAD_CACHE")
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    monkeypatch.setattr(book, "drive_cache", lambda: drive)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(15e9, 3e9, 12e9))  # a free Drive
+    ctx = book.setup("paper", data_root=tiny_builtin, cache=tmp_path / "local", drive=True)
+    assert ctx.cache == (tmp_path / "local").resolve()
+    out = capsys.readouterr().out
+    assert "Google Drive has 12.0 GB free and a 'paper' model's training needs 17.9 GB" in out
+    # the cpu preset's runs fit: the cache goes to Drive
+    assert book.setup("cpu", data_root=tiny_builtin, drive=True).cache == drive.resolve()
+
+
 def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp_path):
     shipped = tmp_path / "shipped"
     shipped.mkdir()
@@ -272,3 +291,108 @@ def test_the_cpu_preset_reads_the_builtin_dataset_whatever_diffad_mvtec_says(mon
     ctx = book.setup("cpu", cache=tmp_path / "cache", device="cpu")
     assert ctx.data_root == tiny_builtin
     assert written == [((tmp_path / "cache").resolve() / "builtin", {"seed": 0, "image_size": 256})]
+
+
+# ---------------------------------------------------------------- a chapter's choices from its data
+
+def test_pick_category_prefers_the_defaults_then_the_kind_then_the_first():
+    assert book.pick_category(["brick", "grass", "nut"], book.DEFAULT_TEXTURES) == "brick"
+    assert book.pick_category(["bottle", "carpet", "metal_nut"], book.DEFAULT_TEXTURES) == "carpet"
+    assert book.pick_category(["bottle", "wood"], book.DEFAULT_TEXTURES, ("carpet", "wood")) == "wood"
+    assert book.pick_category(["bottle", "screw"], book.DEFAULT_TEXTURES, ("wood",)) == "bottle"
+    with pytest.raises(ValueError, match="no category"):
+        book.pick_category([], book.DEFAULT_TEXTURES)
+
+
+@pytest.fixture(scope="module")
+def mvtec_shaped(tmp_path_factory):
+    from diffad.data import make_mvtec_shaped_dataset
+
+    return make_mvtec_shaped_dataset(tmp_path_factory.mktemp("shaped"), categories=["carpet", "metal_nut", "bottle",
+                                                                                   "toothbrush"], image_size=32,
+                                     n_train=3)
+
+
+def test_the_default_texture_and_object_exist_in_either_data(ctx, mvtec_shaped, tmp_path):
+    assert (ctx.texture_category, ctx.object_category) == ("brick", "nut")
+    shaped = book.setup("paper", data_root=mvtec_shaped, cache=tmp_path, device="cpu")
+    assert (shaped.texture_category, shaped.object_category) == ("carpet", "metal_nut")
+
+
+def test_defect_kinds_keeps_the_wanted_ones_the_data_has_then_fills_up(mvtec_shaped, tmp_path):
+    from diffad.data import MVTecAD
+
+    shaped = book.setup("paper", data_root=mvtec_shaped, cache=tmp_path, device="cpu")
+    carpet = CategoryData.load(mvtec_shaped, "carpet", shaped.preset.replace(image_size=32))
+    assert book.defect_kinds(carpet, ("stain", "hole", "scratch")) == ("hole", "color", "cut")
+    assert book.defect_kinds(carpet) == ("color", "cut", "hole", "metal_contamination", "thread")
+    assert book.defect_kinds(carpet, ("hole",), n=2) == ("hole", "color")
+    toothbrush = MVTecAD(mvtec_shaped, "toothbrush", split="test", image_size=32)
+    assert book.defect_kinds(toothbrush, ("scratch", "stain")) == ("defective",)  # only what it has
+
+
+def test_the_builtin_data_keeps_the_chapters_own_kinds(ctx):
+    brick = book.category_data(ctx, "brick")
+    assert book.defect_kinds(brick, ("stain", "hole", "scratch")) == ("stain", "hole", "scratch")
+
+
+def test_affordable_categories(ctx, mvtec_shaped, tmp_path, capsys):
+    # the built-in data: every category (its models ship)
+    assert book.affordable_categories(ctx) == ctx.categories
+    # MVTec-AD on a CPU (no estimate): three, the texture and the object first, said so
+    shaped = book.setup("paper", data_root=mvtec_shaped, cache=tmp_path, device="cpu")
+    assert book.affordable_categories(shaped) == ["bottle", "carpet", "metal_nut"]
+    assert "training 3 of 4 categories" in capsys.readouterr().out
+    assert book.affordable_categories(shaped, everything=True) == shaped.categories
+    # on a GPU, whatever fits the budget runs whole
+    for hours, expected in ((0.2, shaped.categories), (0.3, ["bottle", "carpet", "metal_nut"])):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(book, "hours_per_model", lambda ctx, categories=1: hours)
+            assert book.affordable_categories(shaped) == expected
+    assert "about 0.9 GPU-hours; all 4: about 1.2 GPU-hours (set ALL_CATEGORIES = True)" in capsys.readouterr().out
+
+
+def test_reachable_backbones_skips_hub_weights_offline(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")  # nothing cached either
+    assert book.reachable_backbones(["tf_efficientnet_lite0", "resnet18"]) == ["tf_efficientnet_lite0"]
+    assert "skipped (weights from the Hugging Face hub, out of reach here): resnet18" in capsys.readouterr().out
+
+
+def test_chapters_train_on_a_cpu_only_where_the_reader_sized_the_run(ctx, monkeypatch, tiny_builtin, tmp_path):
+    assert not ctx.may_train and not ctx.progress
+    monkeypatch.setenv("DIFFAD_SET", "train_steps=3")
+    sized = book.setup("cpu", data_root=tiny_builtin, cache=tmp_path, device="cpu")
+    assert sized.may_train
+    monkeypatch.setenv("DIFFAD_PRESET", "paper")
+    assert book.setup("cpu", data_root=tiny_builtin, cache=tmp_path, device="cpu").progress
+
+
+def test_mvtec_shaped_dataset_has_mvtec_names_and_layout(mvtec_shaped):
+    from diffad.data import MVTEC_CATEGORIES, MVTEC_DEFECT_KINDS, MVTecAD, list_categories
+
+    assert set(MVTEC_DEFECT_KINDS) == set(MVTEC_CATEGORIES)
+    assert list_categories(mvtec_shaped) == ["bottle", "carpet", "metal_nut", "toothbrush"]
+    for kind in MVTEC_DEFECT_KINDS["metal_nut"]:
+        assert (mvtec_shaped / "metal_nut" / "ground_truth" / kind / "000_mask.png").is_file()
+    test = MVTecAD(mvtec_shaped, "metal_nut", split="test", image_size=32)
+    defective = [test[i] for i, s in enumerate(test.samples) if s.label]
+    assert len(defective) == 4 and all(item["mask"].sum() > 0 for item in defective)
+    assert all(test[i]["mask"].sum() == 0 for i, s in enumerate(test.samples) if not s.label)
+    with pytest.raises(ValueError, match="not MVTec-AD categories"):
+        from diffad.data import make_mvtec_shaped_dataset
+
+        make_mvtec_shaped_dataset(mvtec_shaped, categories=["brick"])
+
+
+def test_the_unified_model_trains_on_mvtec_only_when_asked(tiny_builtin, tiny_preset, tmp_path, capsys):
+    # a tiny preset under an MVTec-AD preset's name: what a chapter does with authors, at test size
+    ctx = book.setup(tiny_preset.replace(name="authors"), data_root=tiny_builtin, cache=tmp_path, device="cpu")
+    unified_ctx, unified = book.unified_model(ctx, ["brick", "nut"])
+    assert unified is None and unified_ctx.preset.train_steps == 2 * tiny_preset.train_steps
+    assert "TRAIN_UNIFIED = True trains it" in capsys.readouterr().out
+    _, unified = book.unified_model(ctx, ["brick", "nut"], train=True)
+    assert unified.categories == ["brick", "nut"] and unified.preset.class_cond
+    # a preset that reads the built-in data trains it (or finds it shipped) as before
+    builtin_ctx = book.setup(tiny_preset.replace(name="mine"), data_root=tiny_builtin, cache=tmp_path, device="cpu")
+    assert book.unified_model(builtin_ctx, ["brick", "nut"])[1].preset.train_steps == 2 * tiny_preset.train_steps

@@ -169,3 +169,9 @@ def test_a_resume_holds_the_checkpoint_once_when_mmap_is_refused(tiny_builtin, t
     print(f"state {seen['state'] / 1e6:.1f} MB, peak during the resume {extra / 1e6:.1f} MB "
           f"({extra / seen['state']:.2f}x)")
     assert extra <= 1.1 * seen["state"]
+
+
+def test_a_run_prints_its_plan_with_the_free_space_where_it_writes(tiny_builtin, tiny_preset, tmp_path, capsys):
+    fit(tiny_builtin, "brick", tmp_path / "run", tiny_preset, progress=True, stop_after=1)
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("train brick:"))
+    assert "disk: checkpoint" in line and f"GB free at {tmp_path}" in line

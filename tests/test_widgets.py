@@ -84,6 +84,16 @@ def test_slider_and_dropdown_update_the_metrics_and_the_figure(setting):
                                                                             image_normalization="validation")
 
 
+def test_raw_maps_are_offered_only_where_the_preset_scores_so(setting):
+    """The authors preset sums raw maps (normalization "none"): its explorer starts there and offers it."""
+    data, raw_test, raw_val, preset = setting
+    assert "none" not in widgets.alpha_explorer(data, raw_test, raw_val, preset, show_maps=False).dropdown.options
+    authors_like = preset.replace(normalization="none")
+    explorer = widgets.alpha_explorer(data, raw_test, raw_val, authors_like, show_maps=False)
+    assert explorer.dropdown.value == "none" and "none" in explorer.dropdown.options
+    assert row_cells(explorer.metrics.value, "ensemble") == expected_cells(setting, preset.alpha, "none")
+
+
 def test_without_maps_and_bad_input(setting):
     data, raw_test, raw_val, preset = setting
     explorer = widgets.alpha_explorer(data, raw_test, raw_val, preset, show_maps=False)
@@ -93,7 +103,7 @@ def test_without_maps_and_bad_input(setting):
     with pytest.raises(ValueError, match="alpha must be in"):
         widgets.alpha_explorer(data, raw_test, raw_val, preset, alpha=1.5)
     with pytest.raises(ValueError, match="normalization must be one of"):
-        widgets.alpha_explorer(data, raw_test, raw_val, preset, normalization="none")
+        widgets.alpha_explorer(data, raw_test, raw_val, preset, normalization="zscore")
     with pytest.raises(ValueError, match="image_normalization must be one of"):
         widgets.alpha_explorer(data, raw_test, raw_val, preset, image_normalization="zscore")
     short = RawMaps((5, 10), raw_test.kl[:3], raw_test.rgb[:3], raw_test.feature[:3])

@@ -13,6 +13,9 @@
   defect kinds, six of them low-contrast.
 * :func:`make_development_dataset` writes the development categories (a photographed coin, a
   tissue texture: other photographs, another seed) on which settings are chosen.
+* :func:`make_mvtec_shaped_dataset` writes a folder shaped exactly like MVTec-AD (its 15 category
+  names, each with its real defect folders), drawn by the built-in painter and shrunk only in
+  size: the ``paper`` and ``authors`` presets run on it without MVTec-AD (the tests do).
 * :func:`make_crosscheck_dataset` writes the same categories (the same training images) with
   new normal test images and six defect kinds of a second, independent painter: results on
   defects that no setting was chosen on.
@@ -29,9 +32,11 @@ from .builtin import (
     DEFECT_KINDS,
     DEVELOPMENT_CATEGORIES,
     LOW_CONTRAST_KINDS,
+    MVTEC_DEFECT_KINDS,
     is_builtin,
     make_builtin_dataset,
     make_development_dataset,
+    make_mvtec_shaped_dataset,
 )
 from .crosscheck import CROSSCHECK_KINDS, make_crosscheck_dataset
 from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
@@ -55,6 +60,7 @@ __all__ = [
     "DEVELOPMENT_CATEGORIES",
     "LOW_CONTRAST_KINDS",
     "MVTEC_CATEGORIES",
+    "MVTEC_DEFECT_KINDS",
     "MVTEC_SHA256",
     "MVTEC_SIZE",
     "MVTEC_URL",
@@ -70,5 +76,6 @@ __all__ = [
     "make_builtin_dataset",
     "make_crosscheck_dataset",
     "make_development_dataset",
+    "make_mvtec_shaped_dataset",
     "to_diffusion_range",
 ]

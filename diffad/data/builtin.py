@@ -123,6 +123,8 @@ __all__ = [
     "CATEGORY_DEFECTS",
     "make_builtin_dataset",
     "make_development_dataset",
+    "make_mvtec_shaped_dataset",
+    "MVTEC_DEFECT_KINDS",
 ]
 
 BUILTIN_TEXTURES = ("brick", "grass", "gravel")
@@ -975,3 +977,114 @@ def make_development_dataset(root: str | Path, seed: int = DEVELOPMENT_SEED, ima
         raise ValueError("the development set needs a seed other than 0, the test data's")
     return make_builtin_dataset(root, seed=seed, image_size=image_size, n_train=n_train, n_test_good=n_test_good,
                                 n_test_per_defect=n_test_per_defect, categories=DEVELOPMENT_CATEGORIES)
+
+
+# ---------------------------------------------------------------- an MVTec-AD-shaped folder
+
+# MVTec-AD's defect folders, category by category (the dataset's test/ and ground_truth/ names).
+MVTEC_DEFECT_KINDS: dict[str, tuple[str, ...]] = {
+    "bottle": ("broken_large", "broken_small", "contamination"),
+    "cable": ("bent_wire", "cable_swap", "combined", "cut_inner_insulation", "cut_outer_insulation",
+              "missing_cable", "missing_wire", "poke_insulation"),
+    "capsule": ("crack", "faulty_imprint", "poke", "scratch", "squeeze"),
+    "carpet": ("color", "cut", "hole", "metal_contamination", "thread"),
+    "grid": ("bent", "broken", "glue", "metal_contamination", "thread"),
+    "hazelnut": ("crack", "cut", "hole", "print"),
+    "leather": ("color", "cut", "fold", "glue", "poke"),
+    "metal_nut": ("bent", "color", "flip", "scratch"),
+    "pill": ("color", "combined", "contamination", "crack", "faulty_imprint", "pill_type", "scratch"),
+    "screw": ("manipulated_front", "scratch_head", "scratch_neck", "thread_side", "thread_top"),
+    "tile": ("crack", "glue_strip", "gray_stroke", "oil", "rough"),
+    "toothbrush": ("defective",),
+    "transistor": ("bent_lead", "cut_lead", "damaged_case", "misplaced"),
+    "wood": ("color", "combined", "hole", "liquid", "scratch"),
+    "zipper": ("broken_teeth", "combined", "fabric_border", "fabric_interior", "rough", "split_teeth",
+               "squeezed_teeth"),
+}
+# Which built-in category stands in for each MVTec-AD one (a texture for a texture, an object for an
+# object), and which built-in painter draws each of its defect folders (by the kind's look: a cut or a
+# crack is a crack, a colour defect a discolouring, contamination a foreign patch, a bend or a flip a
+# displaced or rotated part; anything else a scratch).
+_SHAPED_SOURCE = {"carpet": "grass", "grid": "gravel", "leather": "brick", "tile": "gravel", "wood": "brick",
+                  "bottle": "cup", "cable": "nut", "capsule": "capsule", "hazelnut": "nut", "metal_nut": "nut",
+                  "pill": "capsule", "screw": "capsule", "toothbrush": "capsule", "transistor": "nut",
+                  "zipper": "cup"}
+_SHAPED_PAINTER = (("crack", "crack"), ("cut", "crack"), ("broken", "hole"), ("hole", "hole"), ("poke", "pits"),
+                   ("color", "discolour"), ("gray", "shift"), ("oil", "stain"), ("liquid", "stain"),
+                   ("glue", "stain"), ("print", "stain"), ("contamination", "foreign"), ("combined", "foreign"),
+                   ("bent", "displaced"), ("flip", "rotated_patch"), ("misplaced", "rotated_patch"),
+                   ("swap", "rotated_patch"), ("missing", "hole"), ("squeeze", "displaced"), ("fold", "smudge"),
+                   ("rough", "smudge"), ("thread", "scratch"))
+_SHAPED_MANIFEST = ".mvtec_shaped.json"
+
+
+def shaped_painter(kind: str) -> str:
+    """The built-in defect kind that draws MVTec-AD's defect folder ``kind`` in a shaped dataset."""
+    return next((painter for part, painter in _SHAPED_PAINTER if part in kind), "scratch")
+
+
+def make_mvtec_shaped_dataset(root: str | Path, categories: Sequence[str] | None = None, image_size: int = 64,
+                              n_train: int = 8, n_test_good: int = 2, n_test_per_defect: int = 1,
+                              seed: int = 0) -> Path:
+    """Write a folder shaped exactly like MVTec-AD, shrunk only in size, and return ``root``.
+
+    MVTec-AD's category names (``categories``, default all 15) with each category's real defect
+    folders (:data:`MVTEC_DEFECT_KINDS`), ``train/good``, ``test/<kind>/000.png`` and masks in
+    ``ground_truth/<kind>/000_mask.png``; the images are drawn by the built-in painter (a built-in
+    texture for a texture, an object for an object). What it is for: running the ``paper`` and
+    ``authors`` presets, which read MVTec-AD, on a machine without it (tests/test_switch.py runs
+    every chapter so). Not a stand-in for MVTec-AD's numbers. Written once: a category already
+    there with the same parameters is kept.
+    """
+    from .mvtec import MVTEC_CATEGORIES
+
+    categories = list(MVTEC_CATEGORIES if categories is None else categories)
+    unknown = [c for c in categories if c not in MVTEC_DEFECT_KINDS]
+    if unknown:
+        raise ValueError(f"not MVTec-AD categories: {unknown}; choose from {sorted(MVTEC_DEFECT_KINDS)}")
+    for name, value, minimum in (("n_train", n_train, 1), ("n_test_good", n_test_good, 1),
+                                 ("n_test_per_defect", n_test_per_defect, 1), ("image_size", image_size, 32)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for category in categories:
+        parameters = {"generator": "diffad.data.builtin.make_mvtec_shaped_dataset", "version": _GENERATOR_VERSION,
+                      "category": category, "source": _SHAPED_SOURCE[category], "seed": int(seed),
+                      "image_size": int(image_size), "n_train": int(n_train), "n_test_good": int(n_test_good),
+                      "n_test_per_defect": int(n_test_per_defect)}
+        folder = root / category
+        manifest = folder / _SHAPED_MANIFEST
+        if manifest.is_file() and json.loads(manifest.read_text()) == parameters:
+            continue
+        if folder.exists() and not manifest.is_file():
+            raise FileExistsError(f"{folder} exists but was not made by make_mvtec_shaped_dataset; choose another root")
+        staging = root / f".{category}.building"
+        shutil.rmtree(staging, ignore_errors=True)
+        _write_shaped_category(staging, category, parameters)
+        (staging / _SHAPED_MANIFEST).write_text(json.dumps(parameters, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    return root
+
+
+def _write_shaped_category(folder: Path, category: str, parameters: dict) -> None:
+    source, size, seed = parameters["source"], parameters["image_size"], parameters["seed"]
+
+    def save(array: np.ndarray, relative: str) -> None:
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_png(array, path)
+
+    for split, count, subfolder in (("train", "n_train", "train/good"), ("test_good", "n_test_good", "test/good")):
+        for index in range(parameters[count]):
+            save(_normal_image(source, _rng(seed, category, _SPLIT_CODES[split], index), size),
+                 f"{subfolder}/{index:03d}.png")
+    for kind_index, kind in enumerate(MVTEC_DEFECT_KINDS[category]):
+        for index in range(parameters["n_test_per_defect"]):
+            rng = _rng(seed, category, 100 + kind_index, index)
+            image, mask = _defective_image(source, shaped_painter(kind), rng, size,
+                                           _SIZE_LEVELS[(index + 2) % len(_SIZE_LEVELS)])
+            save(image, f"test/{kind}/{index:03d}.png")
+            save(mask.astype(np.uint8) * 255, f"ground_truth/{kind}/{index:03d}_mask.png")
