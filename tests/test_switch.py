@@ -9,7 +9,7 @@ by the built-in painter), shrunk through ``DIFFAD_SET`` only: the paper's UNet a
 64 px, a few training steps, the offline EfficientNet-Lite0 backbone, no OpenAI weights. Hub
 weights are out of reach (``HF_HUB_OFFLINE``), so the chapters measure the backbones they have.
 
-Every chapter under both presets is 28 runs (about 25 minutes on 2 cores): the README's test
+Every chapter under both presets is 28 runs (9 minutes on 2 cores, 8 to 43 s each): the README's test
 command runs :data:`CI_RUNS`, one chapter per preset that between them train, score, ensemble,
 run the baselines and Table 1's pipeline; ``DIFFAD_TEST_ALL_SWITCHES=1`` runs all 28, which a
 developer does before changing a chapter or the switch (the others are reported as skipped).
