@@ -208,19 +208,27 @@ def drive_cache(mount_point: str = "/content/drive") -> Path | None:
     return Path(DRIVE_CACHE)
 
 
+# On Colab with the cache on Google Drive: the runtime's own disk (about 100 GB, lost when it resets) for
+# what can be made again (OpenAI's weights) and checkpoints that Drive cannot hold (DIFFAD_SCRATCH).
+COLAB_SCRATCH = "/content/diffad-scratch"
+
+
 def drive_holds_a_run(folder: Path, preset: Preset) -> bool:
-    """Whether the disk of ``folder`` (Google Drive) has room for one model's training at its peak
-    (``TrainingPlan.disk_bytes_per_category``: two checkpoints while one replaces the other, then the
-    model); if not, says so and what it means. The paper preset needs 17.9 GB, more than a free
-    15 GB Drive has: its cache then stays on the runtime's own disk, and a disconnect loses it."""
+    """Whether the disk of ``folder`` (Google Drive) has room for one model's training at its peak, in
+    the smallest checkpoint format the preset allows (``TrainingPlan.disk_bytes_needed``: two checkpoints
+    while one replaces the other, then the model, as a GPU run writes them); if not, says so and what it
+    means. The paper preset on a T4 needs 11.1 GB with compact checkpoints (17.9 GB with exact ones), which
+    a free 15 GB Drive with 12 GB free holds; with less, the cache stays on the runtime's own disk."""
     from diffad.train import plan_training
 
-    needed = plan_training(preset, "cpu", estimate=False).disk_bytes_per_category
+    plan = plan_training(preset, memory_gib=15, compute_capability=(7, 5), estimate=False)
+    smallest = "exact" if preset.checkpoint_format == "exact" else "compact"
+    needed = plan.disk_bytes_needed(checkpoint_format=smallest)
     free, _ = free_disk_bytes(folder)
     if needed is None or free >= needed:
         return True
     print(f"Google Drive has {free / 1e9:.1f} GB free and a {preset.name!r} model's training needs "
-          f"{needed / 1e9:.1f} GB at its peak (its resumable checkpoint is replaced atomically): the cache "
+          f"{needed / 1e9:.1f} GB at its peak ({smallest} checkpoints, each replaced atomically): the cache "
           "stays on this runtime's disk, where a disconnect loses it; free space on Drive, or set "
           "DIFFAD_CACHE to a folder with room")
     return False
@@ -266,7 +274,9 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
     default on Colab with an MVTec-AD preset, unless ``DIFFAD_CACHE`` or ``cache`` names a folder:
     hours of training then survive a disconnected runtime, and the next session resumes them. A
     Drive with less free space than one model's training needs at its peak (:func:`drive_holds_a_run`:
-    17.9 GB for the paper preset, more than a free Drive has) is not used, and setup says so.
+    11.1 GB for the paper preset with compact checkpoints) is not used, and setup says so. With the cache
+    on Drive, ``DIFFAD_SCRATCH`` (unless set) is the runtime's own disk: OpenAI's weights go there, and
+    the checkpoints of a run that Drive cannot hold beside the finished models (``fit`` says so).
     """
     chosen, environment_overrides = environment_settings() if environment else (None, {})
     preset = get_preset(chosen or preset, **overrides)
@@ -283,6 +293,8 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
         mounted = drive_cache()
         if mounted is not None and drive_holds_a_run(mounted, preset):
             cache = mounted
+            # downloads, and checkpoints Drive cannot hold (a third category beside two models), stay local
+            os.environ.setdefault("DIFFAD_SCRATCH", COLAB_SCRATCH)
         if cache is not None:
             os.environ["DIFFAD_CACHE"] = str(cache)  # fit's downloads (OpenAI weights) go there too
     cache = cache_dir(cache)

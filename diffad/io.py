@@ -20,7 +20,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["cache_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace",
+__all__ = ["cache_dir", "scratch_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace",
            "space_to_write", "free_disk_bytes"]
 
 # torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
@@ -35,6 +35,14 @@ class InsufficientDiskSpace(OSError):
 def cache_dir(path=None) -> Path:
     """The cache folder: ``path``, else ``$DIFFAD_CACHE`` (e.g. a Google Drive folder on Colab), else ./cache."""
     return Path(path or os.environ.get("DIFFAD_CACHE", "cache")).expanduser().resolve()
+
+
+def scratch_dir() -> Path | None:
+    """``$DIFFAD_SCRATCH``: a folder on the machine's own disk for what can be made again (downloads such
+    as OpenAI's weights) and for checkpoints that the cache's disk cannot hold; None when unset. On Colab
+    with the cache on Google Drive, ``book.setup`` sets it: Drive keeps what must survive a disconnect."""
+    value = os.environ.get("DIFFAD_SCRATCH")
+    return Path(value).expanduser().resolve() if value else None
 
 
 def tensor_bytes(obj) -> int:

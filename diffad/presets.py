@@ -34,6 +34,8 @@ IMAGE_RESIZES = ("bilinear", "authors")  # diffad.data.mvtec: antialiased biline
 NOISE_SCHEDULES = ("linear", "cosine")  # diffad.diffusion.get_named_beta_schedule
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # diffad.device.PRECISION_CHOICES (the Precision enum and "auto")
 EMA_DEVICES = ("auto", "device", "cpu")  # diffad.train.plan_training
+CHECKPOINT_FORMATS = ("auto", "exact", "compact")  # diffad.train.TrainingPlan.checkpoint_bytes_for
+MODEL_DTYPES = ("auto", "float32", "float16")  # diffad.train.plan_training: model.pt's weights
 TIMESTEP_MODES = ("consistent", "authors")  # diffad.scoring.score_raw
 KL_STANDARDIZATIONS = ("none", "authors")  # diffad.scoring.score_raw
 NORMALIZATIONS = ("per_image", "validation", "none")  # diffad.scoring.normalized, of the maps
@@ -89,6 +91,14 @@ class Preset:
     precision: str = "auto"  # "auto" (bf16 from compute capability 8.0, fp16 + GradScaler below, fp32 on CPU) or one of "fp32", "fp16", "bf16"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only when needed to fit
     ema_device: str = "auto"  # where the EMA copy lives: "auto" (on the device when it fits), "device" or "cpu"
+    # how a run is stored (diffad.train.fit): the resumable checkpoint "exact" (every tensor in
+    # float32, a resume continues bit for bit: 16 bytes per parameter), "compact" (the EMA in
+    # float16 and AdamW's moments in bfloat16: 10 bytes per parameter, a resume continues within
+    # float16's rounding of the EMA) or "auto" (exact where the disk holds it, else compact, else
+    # exact in $DIFFAD_SCRATCH); model.pt's weights "float32", "float16" or "auto" (float16 where
+    # the run computes in a half precision, whose autocast rounds the weights so anyway)
+    checkpoint_format: str = "auto"
+    model_dtype: str = "auto"
     seed: int = 0
     # scoring
     timestep_respacing: str = "250"
@@ -291,6 +301,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "precision": _choice(PRECISIONS),
     "gradient_checkpointing": FieldRule("bool", optional=True),
     "ema_device": _choice(EMA_DEVICES),
+    "checkpoint_format": _choice(CHECKPOINT_FORMATS),
+    "model_dtype": _choice(MODEL_DTYPES),
     "seed": _count(0),
     "timestep_respacing": FieldRule("respacing"),
     "test_timesteps": FieldRule("ints", low=0),
@@ -385,9 +397,9 @@ def training_differences(a: Preset, b: Preset) -> list[str]:
     return [k for k in da if da[k] != db[k]]
 
 
-# Fields that change how a training step runs on a device, not what it learns: a run may resume on
-# another GPU (a Colab T4 one day, an A100 the next) with other values.
-RUNTIME_FIELDS = frozenset({"precision", "gradient_checkpointing", "ema_device"})
+# Fields that change how a training step runs on a device, or how its run is stored, not what it
+# learns: a run may resume on another GPU (a Colab T4 one day, an A100 the next) with other values.
+RUNTIME_FIELDS = frozenset({"precision", "gradient_checkpointing", "ema_device", "checkpoint_format", "model_dtype"})
 
 
 def training_fields(preset: Preset) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ from diffad.data import MVTecAD, to_diffusion_range
 from diffad.device import (CUDA_BLOCK_BYTES, GIB, Accelerator, PeakMemory, Precision, accelerator_of,
                            choose_precision, pick_device)
 from diffad.diffusion import GaussianDiffusion
-from diffad.io import InsufficientDiskSpace, atomic_save, free_disk_bytes, load_torch_file, space_to_write
+from diffad.io import (InsufficientDiskSpace, atomic_save, free_disk_bytes, load_torch_file, scratch_dir,
+                       space_to_write)
 from diffad.models import create_unet, load_guided_diffusion_checkpoint, resolve_init_checkpoint
 from diffad.presets import SCORING_FIELDS, Preset, get_preset, training_differences
 
@@ -184,11 +186,17 @@ def skipped_in(history: list[dict]) -> int:
 
 
 def load_training_images(data_root, categories: list[str], preset: Preset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All normal training images of the categories in [-1, 1], and their category indices."""
+    """All normal training images of the categories in [-1, 1], and their category indices.
+
+    ``data_root`` is an MVTec-layout folder, or a reader with a ``dataset(category, split, preset)``
+    method (:class:`diffad.data.folder.ImageFolder`, a plain folder of photos)."""
     images, labels = [], []
     for index, category in enumerate(categories):
-        dataset = MVTecAD(data_root, category, split="train", image_size=preset.image_size,
-                          val_fraction=preset.val_fraction, seed=preset.seed, image_resize=preset.image_resize)
+        if hasattr(data_root, "dataset"):
+            dataset = data_root.dataset(category, "train", preset)
+        else:
+            dataset = MVTecAD(data_root, category, split="train", image_size=preset.image_size,
+                              val_fraction=preset.val_fraction, seed=preset.seed, image_resize=preset.image_resize)
         x, _, _ = dataset.stack()
         images.append(to_diffusion_range(x))
         labels.append(torch.full((len(x),), index, dtype=torch.long))
@@ -434,6 +442,8 @@ class TrainingPlan:
     gpus: int | None = None  # GPUs the whole table is planned on (None: not asked)
     table_categories: int = TABLE_CATEGORIES  # categories of the table, one model each unless unified
     unet_size: StateSize | None = None  # the planned UNet's parameters and state (None: not counted)
+    checkpoint_format: str = "exact"  # of checkpoint.pt: "exact" or "compact" (the run chooses "auto"'s at start)
+    model_dtype: str = "float32"  # of model.pt's weights: "float32" or "float16"
 
     @property
     def channels_last(self) -> bool:
@@ -488,8 +498,13 @@ class TrainingPlan:
                          f"{self.table_rounds} round{'s' if self.table_rounds > 1 else ''}, "
                          f"est. {self.hours_for_table:.1f} h")
         if self.unet_size is not None:
-            line += (f"; disk: checkpoint {self.checkpoint_bytes / GB:.2f} GB, model.pt {self.model_bytes / GB:.2f} "
-                     f"GB, {self.disk_bytes_per_category / GB:.1f} GB free per model")
+            compact = ""
+            if self.preset.checkpoint_format == "auto" and self.checkpoint_format == "exact":
+                compact = (f" (compact {self.checkpoint_bytes_for('compact') / GB:.2f} GB, "
+                           f"{self.disk_bytes_needed(checkpoint_format='compact') / GB:.1f} GB free)")
+            line += (f"; disk: {self.checkpoint_format} checkpoint {self.checkpoint_bytes / GB:.2f} GB, model.pt "
+                     f"{self.model_bytes / GB:.2f} GB ({self.model_dtype}), {self.disk_bytes_per_category / GB:.1f} GB "
+                     f"free per model{compact}")
             if not self.unified:
                 line += f", {self.disk_bytes_for_table / GB:.1f} GB for the table's {self.table_categories} models"
         return line
@@ -500,24 +515,34 @@ class TrainingPlan:
 
     @property
     def checkpoint_bytes(self) -> int | None:
-        """The resumable ``checkpoint.pt`` of a finished run: UNet and EMA at their dtypes (float32: the
-        autocast precisions change the arithmetic, not the weights), AdamW's two moments and step per
-        parameter, the random states and the history. About 16 bytes per parameter."""
+        """The resumable ``checkpoint.pt`` of a finished run, in the plan's :attr:`checkpoint_format`."""
+        return self.checkpoint_bytes_for(self.checkpoint_format)
+
+    def checkpoint_bytes_for(self, checkpoint_format: str) -> int | None:
+        """``checkpoint.pt`` of a finished run in a format: AdamW's step per parameter, the random states and
+        the history, and "exact": the UNet, its EMA and AdamW's two moments in float32 (the autocast
+        precisions change the arithmetic, not the weights), about 16 bytes per parameter; "compact": the
+        UNet in float32 (the weights training goes on from), the EMA in float16, the moments in bfloat16,
+        about 10 bytes per parameter."""
         size = self.unet_size
         if size is None:
             return None
-        tensor_bytes = 2 * size.state_bytes + 2 * size.parameter_bytes + 4 * size.parameter_tensors
-        return saved_file_bytes(tensor_bytes, 2 * size.state_tensors + 3 * size.parameter_tensors,
-                                self.preset.train_steps)
+        if checkpoint_format == "compact":
+            tensor_bytes = size.state_bytes + size.state_bytes // 2 + size.parameter_bytes
+        else:
+            tensor_bytes = 2 * size.state_bytes + 2 * size.parameter_bytes
+        return saved_file_bytes(tensor_bytes + 4 * size.parameter_tensors,
+                                2 * size.state_tensors + 3 * size.parameter_tensors, self.preset.train_steps)
 
     @property
     def model_bytes(self) -> int | None:
-        """``model.pt`` as :func:`fit` writes it for a finished run: the EMA weights in float32
-        (``TrainedModel.save``'s default; ``half=True`` would halve it), the feature statistics and the history."""
+        """``model.pt`` as :func:`fit` writes it for a finished run: the EMA weights in :attr:`model_dtype`,
+        the feature statistics and the history."""
         size = self.unet_size
         if size is None:
             return None
-        return saved_file_bytes(size.state_bytes, size.state_tensors + 2, self.preset.train_steps)
+        weights = size.state_bytes // 2 if self.model_dtype == "float16" else size.state_bytes
+        return saved_file_bytes(weights, size.state_tensors + 2, self.preset.train_steps)
 
     def checkpoint_writes(self, from_step: int = 0) -> int:
         """Checkpoints a run writes from ``from_step`` to its end: every ``checkpoint_every`` steps and at the last."""
@@ -526,7 +551,8 @@ class TrainingPlan:
             return 0
         return steps // every - from_step // every + (1 if steps % every else 0)
 
-    def disk_bytes_needed(self, from_step: int = 0, checkpoint_on_disk: int = 0) -> int | None:
+    def disk_bytes_needed(self, from_step: int = 0, checkpoint_on_disk: int = 0, checkpoint_format: str | None = None,
+                          with_model: bool = True) -> int | None:
         """Free disk the rest of a run needs, from ``from_step`` with its checkpoint of ``checkpoint_on_disk``
         bytes already written: exactly what the run's own writes will ask for, so a run that starts can finish.
 
@@ -534,15 +560,17 @@ class TrainingPlan:
         second write on the disk holds two checkpoints at once; ``model.pt`` is written beside the last
         checkpoint, which is then deleted. Each write asks for its bytes and a small margin
         (:func:`diffad.io.space_to_write`). From scratch, with two writes or more: two checkpoints and the margin.
+        ``checkpoint_format``: the checkpoints' (default the plan's); ``with_model=False``: the checkpoints'
+        disk alone (checkpoints kept in a scratch folder, the model written elsewhere).
         """
         if self.unet_size is None:
             return None
-        checkpoint, held = self.checkpoint_bytes, checkpoint_on_disk
+        checkpoint, held = self.checkpoint_bytes_for(checkpoint_format or self.checkpoint_format), checkpoint_on_disk
         needed, grown = 0, 0  # grown: how much more the disk holds than now, when the next file is written
         for _ in range(min(self.checkpoint_writes(from_step), 2)):  # a third write needs what the second did
             needed = max(needed, grown + space_to_write(checkpoint))
             grown, held = grown + checkpoint - held, checkpoint
-        return max(needed, grown + space_to_write(self.model_bytes))
+        return max(needed, grown + space_to_write(self.model_bytes)) if with_model else needed
 
     @property
     def disk_bytes_per_category(self) -> int | None:
@@ -606,10 +634,22 @@ class TrainingPlan:
             "table_rounds": self.table_rounds, "table_ranks": self.table_ranks if self.unified else 1,
             "hours_for_table": self.hours_for_table,
             "unet_parameters": None if self.unet_size is None else self.unet_size.parameters,
-            "checkpoint_bytes": self.checkpoint_bytes, "model_bytes": self.model_bytes,
+            "checkpoint_format": self.checkpoint_format, "checkpoint_bytes": self.checkpoint_bytes,
+            "model_dtype": self.model_dtype, "model_bytes": self.model_bytes,
+            "compact_checkpoint_bytes": self.checkpoint_bytes_for("compact"),
+            "disk_bytes_per_category_compact": self.disk_bytes_needed(checkpoint_format="compact"),
             "disk_bytes_per_category": self.disk_bytes_per_category, "disk_bytes_for_table": self.disk_bytes_for_table,
             "summary": self.describe(),
         }
+
+
+def choose_model_dtype(model_dtype: str, precision: Precision) -> str:
+    """model.pt's dtype for a preset's ``model_dtype``: "auto" is float16 where the run computes in a half
+    precision (fp16 or bf16 autocast rounds the weights to 16 bits in every convolution anyway; float16
+    keeps 3 more bits than bf16), else float32. The paper's 554M-parameter EMA: 1.1 GB instead of 2.2."""
+    if model_dtype != "auto":
+        return model_dtype
+    return "float32" if precision is Precision.FP32 else "float16"
 
 
 def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: float | None = None,
@@ -653,10 +693,12 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
         feature_channels = FeatureExtractor(preset.backbone, layers=preset.backbone_layers, pretrained=False).out_channels
     with torch.device("meta"):  # counted, not allocated: the paper's UNet has 554M parameters
         unet_size = StateSize.of(build_unet(preset, feature_channels, num_classes if preset.class_cond else None))
+    storage = dict(checkpoint_format="compact" if preset.checkpoint_format == "compact" else "exact",
+                   model_dtype=choose_model_dtype(preset.model_dtype, precision))
     plan = None
     for gradient_checkpointing, ema_device in candidates:
         plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device, **table,
-                            unet_size=unet_size)
+                            unet_size=unet_size, **storage)
         if not estimate:
             return plan
         peak, _ = estimate_training_step(plan, feature_channels, num_classes)
@@ -784,7 +826,7 @@ def _fit(data_root, categories, out_dir, preset, device, progress, stop_after, d
     if len(categories) > 1 and not preset.class_cond:
         preset = preset.replace(class_cond=True)  # one model for several categories needs the label
     out_dir, device = Path(out_dir), pick_device(device)
-    model_path, ckpt_path = out_dir / MODEL_NAME, out_dir / CHECKPOINT_NAME
+    model_path = out_dir / MODEL_NAME
     writer = not ddp or distributed.is_main()
     if model_path.is_file():
         trained = TrainedModel.load(model_path, device)
@@ -793,27 +835,31 @@ def _fit(data_root, categories, out_dir, preset, device, progress, stop_after, d
             _remove_resumable_state(out_dir)
         trained.preset = preset  # same training; the scoring settings asked for now
         return trained
-    resuming = ckpt_path.is_file()
+    resuming = find_checkpoint(out_dir) is not None
     if ddp:  # one download per cache: rank 0 first, the others then find the file
         init = None if resuming else distributed.in_turn(lambda: resolve_init_checkpoint(preset.init_checkpoint))
     else:
         init = None if resuming else resolve_init_checkpoint(preset.init_checkpoint)  # fails fast offline
-    run = _TrainingRun.start(data_root, categories, preset, device, init, progress, ddp, ckpt_path)
+    run = _TrainingRun.start(data_root, categories, preset, device, init, progress, ddp, out_dir)
     run.train(preset.train_steps if stop_after is None else min(preset.train_steps, run.step + stop_after),
-              ckpt_path, progress)
+              progress)
     trained = TrainedModel(preset, categories, run.ema, run.extractor.out_channels, run.history, run.stats)
     if run.step >= preset.train_steps and run.rank == 0:
-        trained.save(model_path)
-        _remove_resumable_state(out_dir)  # the finished model replaces it, a quarter of its size
+        trained.save(model_path, half=run.plan.model_dtype == "float16")
+        if run.plan.model_dtype == "float16":  # the model returned now is the one model.pt gives later
+            _round_to_half(trained.unet)
+        _remove_resumable_state(out_dir)  # the finished model replaces it, a quarter of its size or less
     if ddp:
         distributed.wait_for_all("rank 0 writing model.pt")
     return trained
 
 
 def _remove_resumable_state(out_dir: Path) -> None:
-    """Delete the checkpoint of a finished run, and temporary files of writes that were cut off."""
-    (out_dir / CHECKPOINT_NAME).unlink(missing_ok=True)
-    _remove_interrupted_writes(out_dir)
+    """Delete the checkpoint of a finished run (in ``out_dir`` or its scratch folder), and temporary files
+    of writes that were cut off."""
+    for place in checkpoint_places(out_dir):
+        (place / CHECKPOINT_NAME).unlink(missing_ok=True)
+        _remove_interrupted_writes(place)
 
 
 def _remove_interrupted_writes(out_dir: Path) -> None:
@@ -824,21 +870,92 @@ def _remove_interrupted_writes(out_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def check_disk_for_run(plan: TrainingPlan, out_dir: Path, from_step: int = 0, checkpoint_on_disk: int = 0) -> None:
-    """Refuse, before its first step, a run whose rest needs more free disk at ``out_dir`` than there is.
+def scratch_checkpoint_dir(out_dir: str | Path) -> Path | None:
+    """Where a run into ``out_dir`` keeps its checkpoints when ``out_dir``'s disk cannot hold them:
+    ``$DIFFAD_SCRATCH/runs/<folder name>-<hash of its path>`` (:func:`diffad.io.scratch_dir`), else None."""
+    scratch = scratch_dir()
+    if scratch is None:
+        return None
+    out = Path(out_dir).expanduser().absolute()
+    return scratch / "runs" / f"{out.name}-{hashlib.sha1(str(out).encode()).hexdigest()[:8]}"
 
-    The need is :meth:`TrainingPlan.disk_bytes_needed`; the free space is that of ``out_dir``'s disk
-    (its nearest existing folder). Without this, a run short of space would fail at a checkpoint hours in.
+
+def checkpoint_places(out_dir: str | Path) -> list[Path]:
+    """The folders a run into ``out_dir`` may keep its checkpoint in: ``out_dir``, then its scratch folder."""
+    scratch = scratch_checkpoint_dir(out_dir)
+    return [Path(out_dir)] + ([scratch] if scratch is not None else [])
+
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """The resumable checkpoint of a run into ``out_dir`` (the newer, where both places hold one), or None."""
+    found = [place / CHECKPOINT_NAME for place in checkpoint_places(out_dir) if (place / CHECKPOINT_NAME).is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def choose_checkpoint_storage(plan: TrainingPlan, out_dir: Path, existing: Path | None = None,
+                              from_step: int = 0) -> tuple[str, Path]:
+    """The format and folder of a run's checkpoints, chosen before its first step so the rest of it fits:
+    ``(checkpoint_format, folder)``, else :class:`InsufficientDiskSpace` (an OSError) naming each need.
+
+    The preset's ``checkpoint_format`` "auto" tries, in order: exact checkpoints in ``out_dir``; compact ones
+    there (a free Colab's Google Drive holds these: 11.1 GB for the paper preset against 17.9); exact, then
+    compact, ones in the scratch folder (:func:`scratch_checkpoint_dir`, on the machine's own disk, where a
+    disconnect loses them) with ``model.pt`` still written to ``out_dir``. A named format tries only itself.
+    A resumed run keeps its checkpoint's folder. Needs are :meth:`TrainingPlan.disk_bytes_needed`, free space
+    that of each folder's disk; without this, a run short of space would fail at a checkpoint hours in.
     """
-    needed = plan.disk_bytes_needed(from_step, checkpoint_on_disk)
-    free, folder = free_disk_bytes(out_dir)
-    if needed is not None and free < needed:
-        raise InsufficientDiskSpace(
-            f"not enough free disk space to train into {out_dir}: the rest of this run needs about "
-            f"{needed / GB:.3g} GB (checkpoints of {plan.checkpoint_bytes / GB:.3g} GB, two at once while one "
-            f"replaces the other, then model.pt of {plan.model_bytes / GB:.3g} GB) and {free / GB:.3g} GB are free "
-            f"on the disk of {folder}; free some space there, or train into a folder on a larger disk "
-            f"(another out_dir or --out, or DIFFAD_CACHE pointed elsewhere for the book's cache)")
+    formats = ("exact", "compact") if plan.preset.checkpoint_format == "auto" else (plan.preset.checkpoint_format,)
+    places = [existing.parent] if existing is not None else checkpoint_places(out_dir)
+    on_disk = existing.stat().st_size if existing is not None else 0
+    model_free, model_folder = free_disk_bytes(out_dir)
+    tried = []
+    for place in places:
+        here = place.absolute() == out_dir.absolute()
+        free, folder = free_disk_bytes(place)
+        for checkpoint_format in formats:
+            needed = plan.disk_bytes_needed(from_step, on_disk, checkpoint_format, with_model=here)
+            if needed is None:
+                return checkpoint_format, place
+            model_fits = here or model_free >= space_to_write(plan.model_bytes)
+            if free >= needed and model_fits:
+                return checkpoint_format, place
+            size = plan.checkpoint_bytes_for(checkpoint_format) / GB
+            tried.append(f"{checkpoint_format} checkpoints of {size:.3g} GB need about {needed / GB:.3g} GB "
+                         f"and {free / GB:.3g} GB are free on the disk of {folder}")
+            if free >= needed:
+                tried[-1] = (f"{checkpoint_format} checkpoints fit {folder}, but model.pt needs "
+                             f"{space_to_write(plan.model_bytes) / GB:.3g} GB and {model_free / GB:.3g} GB are free "
+                             f"on the disk of {model_folder}")
+    model = f"model.pt of {plan.model_bytes / GB:.3g} GB"
+    raise InsufficientDiskSpace(
+        f"not enough free disk space to train into {out_dir}: the rest of this run needs two checkpoints at once "
+        f"while one replaces the other, then {model} ({'; '.join(tried)}); free some space there, or train into "
+        f"a folder on a larger disk (another out_dir or --out, or DIFFAD_CACHE pointed elsewhere for the book's "
+        f"cache, or DIFFAD_SCRATCH set to a folder on the machine's disk for the checkpoints)")
+
+
+def compact_state(ema: dict, optimizer: dict) -> tuple[dict, dict]:
+    """A checkpoint's EMA in float16 and AdamW's moments in bfloat16 (their range: a squared gradient
+    can be far below float16's smallest number); the UNet's own weights, which training goes on from,
+    stay float32 (10 bytes per parameter instead of 16). Resuming casts them back (:func:`_as_float32`,
+    and AdamW's ``load_state_dict`` casts its state to the parameters' dtype)."""
+    ema = {k: v.half() if v.is_floating_point() else v for k, v in ema.items()}
+    state = {index: {k: v.to(torch.bfloat16) if k in ("exp_avg", "exp_avg_sq") else v for k, v in moments.items()}
+             for index, moments in optimizer["state"].items()}
+    return ema, {**optimizer, "state": state}
+
+
+@torch.no_grad()
+def _round_to_half(module: torch.nn.Module) -> None:
+    """Round a module's floating weights to float16's values, in place, keeping their dtype."""
+    for tensor in module.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.copy_(tensor.half())
+
+
+def _as_float32(weights: dict) -> dict:
+    """A state dict with its half-precision floats in float32 (a compact checkpoint's EMA); float32 as is."""
+    return {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in weights.items()}
 
 
 class _TrainingRun:
@@ -846,9 +963,11 @@ class _TrainingRun:
 
     @classmethod
     def start(cls, data_root, categories, preset: Preset, device: torch.device, init, progress: bool,
-              ddp: bool = False, ckpt_path: Path | None = None):
+              ddp: bool = False, out_dir: Path | None = None):
         """A run ready for its next step: fresh (from ``init`` weights, or a new initialisation), or resumed
-        from ``ckpt_path`` when that file exists. Rank 0 refuses it first if the disk could not hold the rest."""
+        from the checkpoint of a run into ``out_dir`` (:func:`find_checkpoint`). Rank 0 chooses where and how
+        its checkpoints are written (:func:`choose_checkpoint_storage`), or refuses it if no disk could hold
+        the rest. Without ``out_dir``, nothing is read or written."""
         self = cls()
         self.preset, self.categories, self.device = preset, categories, device
         self.ddp = ddp
@@ -865,8 +984,8 @@ class _TrainingRun:
                                   feature_channels=self.extractor.out_channels, estimate=device.type == "cuda")
         if progress and self.rank == 0:
             line = f"train {'+'.join(categories)}: {self.plan.describe()}"
-            if ckpt_path is not None:  # where the checkpoints and the model go, and the room there
-                free, folder = free_disk_bytes(ckpt_path.parent)
+            if out_dir is not None:  # where the checkpoints and the model go, and the room there
+                free, folder = free_disk_bytes(out_dir)
                 line += f"; {free / GB:.1f} GB free at {folder}"
             if ddp:
                 line += (f"; DDP over {self.world} processes, batch {preset.batch_size} = "
@@ -875,13 +994,19 @@ class _TrainingRun:
         self.ema_device = device if self.plan.ema_device == "device" else torch.device("cpu")
         self.scaler = torch.amp.GradScaler(device.type) if self.plan.precision.needs_grad_scaler else None
         self.step, self.history, self.skipped_steps = 0, [], 0
-        state = None
-        if ckpt_path is not None and ckpt_path.is_file():
-            state = self.read_checkpoint(ckpt_path)
-        if ckpt_path is not None and self.rank == 0:
-            _remove_interrupted_writes(ckpt_path.parent)
-            check_disk_for_run(self.plan, ckpt_path.parent, 0 if state is None else state["step"],
-                               ckpt_path.stat().st_size if state is not None else 0)
+        state, existing = None, None if out_dir is None else find_checkpoint(out_dir)
+        if existing is not None:
+            state = self.read_checkpoint(existing)
+        self.ckpt_path = None
+        if out_dir is not None and self.rank == 0:
+            for place in checkpoint_places(out_dir):
+                _remove_interrupted_writes(place)
+            checkpoint_format, place = choose_checkpoint_storage(self.plan, Path(out_dir), existing,
+                                                                 0 if state is None else state["step"])
+            self.plan = dataclasses.replace(self.plan, checkpoint_format=checkpoint_format)
+            self.ckpt_path = place / CHECKPOINT_NAME
+            if checkpoint_format != "exact" or place != Path(out_dir):
+                print(self.storage_note(Path(out_dir)))
         if state is None:
             self.unet = build_unet(preset, self.extractor.out_channels, self.num_classes,
                                    self.plan.gradient_checkpointing)
@@ -905,6 +1030,18 @@ class _TrainingRun:
         # The statistics on the device once, not copied there for every batch.
         self.device_stats = None if self.stats is None else tuple(s.to(device) for s in self.stats)
         return self
+
+    def storage_note(self, out_dir: Path) -> str:
+        """One line on checkpoints that are not exact ones beside the model: what a resume from them means."""
+        plan, where = self.plan, self.ckpt_path.parent
+        parts = [f"checkpoints of {'+'.join(self.categories)}: {plan.checkpoint_format}, "
+                 f"{plan.checkpoint_bytes / GB:.2f} GB each, in {where}"]
+        if plan.checkpoint_format == "compact":
+            parts.append("the EMA in float16 and AdamW's moments in bfloat16: a resume goes on from the same "
+                         "weights and batches, within float16's rounding of the EMA, not bit for bit")
+        if where != out_dir:
+            parts.append(f"on this machine's disk, lost if it resets; model.pt goes to {out_dir}")
+        return "; ".join(parts)
 
     def read_checkpoint(self, path: Path) -> dict:
         """A checkpoint of this very run (else a ValueError naming what differs), on the CPU.
@@ -936,7 +1073,8 @@ class _TrainingRun:
         # where the plan says so); a tensor already in it stays where it is, uncopied.
         self.unet.load_state_dict(state.pop("unet"), assign=True)
         self.unet.to(self.device, memory_format=torch.contiguous_format)
-        self.ema.load_state_dict(state.pop("ema"), assign=True)
+        # a compact checkpoint's float16 EMA (and bfloat16 moments, which AdamW casts itself) back to float32
+        self.ema.load_state_dict(_as_float32(state.pop("ema")), assign=True)
         self.ema.requires_grad_(False).to(self.ema_device, memory_format=torch.contiguous_format)
         self.optimizer = make_optimizer(self.unet, self.preset, self.device.type)
         self.optimizer.load_state_dict(state.pop("optimizer"))
@@ -947,10 +1085,14 @@ class _TrainingRun:
         _set_rng_states(self.generator, state.pop("rng"), self.device)  # nothing after this draws from them
 
     def save(self, path: Path) -> None:
+        """The checkpoint, atomically, in the plan's format (exact, or compact: :func:`compact_state`)."""
+        ema, optimizer = self.ema.state_dict(), self.optimizer.state_dict()
+        if self.plan.checkpoint_format == "compact":
+            ema, optimizer = compact_state(ema, optimizer)
         atomic_save({
             "preset": self.preset.to_dict(), "categories": self.categories, "step": self.step,
-            "history": self.history, "unet": self.unet.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "rng": _rng_states(self.generator, self.device),
+            "history": self.history, "unet": self.unet.state_dict(), "ema": ema, "optimizer": optimizer,
+            "rng": _rng_states(self.generator, self.device), "checkpoint_format": self.plan.checkpoint_format,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }, path)
 
@@ -980,7 +1122,7 @@ class _TrainingRun:
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def train(self, end: int, ckpt_path: Path, progress: bool) -> None:
+    def train(self, end: int, progress: bool) -> None:
         preset = self.preset
         bar = tqdm(total=preset.train_steps, initial=self.step, desc=f"train {'+'.join(self.categories)}",
                    disable=not progress or self.rank != 0, leave=False)
@@ -1009,8 +1151,8 @@ class _TrainingRun:
                     self.log(pending, bar)  # before the checkpoint: non-finite weights are never saved
                     pending = []
                 if checkpoint:
-                    if self.rank == 0:
-                        self.save(ckpt_path)
+                    if self.rank == 0 and self.ckpt_path is not None:
+                        self.save(self.ckpt_path)
                     if self.ddp:  # the others wait here, not in the next step's all-reduce (a shorter timeout)
                         distributed.wait_for_all("rank 0 writing the checkpoint")
         finally:

@@ -94,21 +94,31 @@ def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch
     assert os.environ["DIFFAD_CACHE"] == str(tmp_path / "local")  # fit's downloads go there too
 
 
-def test_a_drive_too_small_for_a_paper_run_keeps_the_cache_local(tmp_path, monkeypatch, capsys, tiny_builtin):
+def test_a_free_drive_holds_a_paper_run_with_compact_checkpoints(tmp_path, monkeypatch, capsys, tiny_builtin):
+    """A free 15 GB Drive with 12 GB free holds one paper run in compact checkpoints (11.2 GB at the peak),
+    not in exact ones (17.9 GB); with less, or exact checkpoints asked for, the cache stays local."""
     import collections
     import shutil
 
-    monkeypatch.setenv("DIFFAD_CACHE", str(tmp_path / "unused"))
-    monkeypatch.delenv("DIFFAD_CACHE")
+    monkeypatch.delenv("DIFFAD_CACHE", raising=False)
+    monkeypatch.delenv("DIFFAD_SCRATCH", raising=False)
     drive = tmp_path / "drive"
     drive.mkdir()
     monkeypatch.setattr(book, "drive_cache", lambda: drive)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(15e9, 3e9, 12e9))  # a free Drive
-    ctx = book.setup("paper", data_root=tiny_builtin, cache=tmp_path / "local", drive=True)
-    assert ctx.cache == (tmp_path / "local").resolve()
-    out = capsys.readouterr().out
-    assert "Google Drive has 12.0 GB free and a 'paper' model's training needs 17.9 GB" in out
+    free = {"bytes": 12e9}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(15e9, 15e9 - free["bytes"], free["bytes"]))
+    ctx = book.setup("paper", data_root=tiny_builtin, drive=True)
+    assert ctx.cache == drive.resolve() and os.environ["DIFFAD_SCRATCH"] == book.COLAB_SCRATCH
+    monkeypatch.delenv("DIFFAD_CACHE")
+    exact = book.setup("paper", data_root=tiny_builtin, cache=tmp_path / "local", drive=True,
+                       checkpoint_format="exact")
+    assert exact.cache == (tmp_path / "local").resolve()
+    assert "Google Drive has 12.0 GB free and a 'paper' model's training needs 17.9 GB" in capsys.readouterr().out
+    free["bytes"] = 10e9
+    small = book.setup("paper", data_root=tiny_builtin, cache=tmp_path / "local", drive=True)
+    assert small.cache == (tmp_path / "local").resolve()
+    assert "10.0 GB free and a 'paper' model's training needs 11.2 GB at its peak (compact" in capsys.readouterr().out
     # the cpu preset's runs fit: the cache goes to Drive
     assert book.setup("cpu", data_root=tiny_builtin, drive=True).cache == drive.resolve()
 

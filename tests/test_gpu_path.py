@@ -85,6 +85,19 @@ def test_checkpoint_is_fetched_once_and_checked_on_every_use(hub, tmp_path, open
         resolve_init_checkpoint(NAME)
 
 
+def test_with_a_scratch_disk_the_checkpoint_is_fetched_there_not_into_the_cache(hub, tmp_path, monkeypatch):
+    """Colab with the cache on Google Drive: 2.2 GB fetched again in a minute stay off Drive; a copy
+    already in the cache is still used."""
+    monkeypatch.setenv("DIFFAD_SCRATCH", str(tmp_path / "scratch"))
+    path = resolve_init_checkpoint(NAME)
+    assert path == tmp_path / "scratch" / "openai" / f"{NAME}.pt" and path.is_file()
+    cached = tmp_path / "cache" / "openai" / f"{NAME}.pt"
+    cached.parent.mkdir(parents=True)
+    for name in (path.name, path.name + ".json"):
+        (cached.parent / name).write_bytes((path.parent / name).read_bytes())
+    assert resolve_init_checkpoint(NAME) == cached and len(hub.requests) == 1
+
+
 def test_offline_stops_within_seconds_with_one_message(offline, tmp_path):
     start = time.monotonic()
     with pytest.raises(MissingInitCheckpoint) as error:

@@ -105,6 +105,8 @@ def test_every_field_has_a_rule():
     ("image_resize", "lanczos", "one of 'bilinear', 'authors'"),
     ("noise_schedule", "quadratic", "one of 'linear', 'cosine'"),
     ("ema_device", "gpu", "one of 'auto', 'device', 'cpu'"),
+    ("checkpoint_format", "small", "one of 'auto', 'exact', 'compact'"),
+    ("model_dtype", "bfloat16", "one of 'auto', 'float32', 'float16'"),
     ("mask_rule", 255, "one of 'any', 'authors'"),
     ("timestep_respacing", "abc", "'' (no respacing), section counts such as '250' or '10,20', or 'ddimN'"),
     ("timestep_respacing", 250, "'' (no respacing), section counts such as '250' or '10,20', or 'ddimN'"),

@@ -158,7 +158,8 @@ def resolve_init_checkpoint(spec: str | Path | None, cache: str | Path | None = 
     """The file a preset's ``init_checkpoint`` names: None, a path, or an OpenAI checkpoint name.
 
     A name (``256x256_diffusion``) is looked up in ``<cache>/openai/`` and downloaded there on
-    first use. When it is not there and cannot be downloaded (offline), one
+    first use; with ``$DIFFAD_SCRATCH`` set (Colab with the cache on Google Drive) and no ``cache``
+    named, a copy not already in the cache goes to ``<scratch>/openai/`` instead. When it is not there and cannot be downloaded (offline), one
     :class:`MissingInitCheckpoint` says which checkpoint, its URL, where it is expected and how
     to pass a local copy, within seconds rather than after a long series of retries.
     """
@@ -173,9 +174,11 @@ def resolve_init_checkpoint(spec: str | Path | None, cache: str | Path | None = 
                 f"({', '.join(sorted(GUIDED_DIFFUSION_URLS))})")
         return path
     from diffad.download import DownloadError
-    from diffad.io import cache_dir
+    from diffad.io import cache_dir, scratch_dir
 
     folder = cache_dir(cache) / "openai"
+    if cache is None and scratch_dir() is not None and not (folder / f"{name}.pt").is_file():
+        folder = scratch_dir() / "openai"  # fetched again in a minute: not worth 2.2 GB of Google Drive
     try:
         return download_guided_diffusion_checkpoint(folder, name, timeout=timeout, retries=0)
     except DownloadError as error:
