@@ -780,14 +780,14 @@ def fit(
     Before training, the device plan (precision, gradient checkpointing, where the EMA lives,
     estimated peak memory on a GPU, the disk it needs) is printed.
 
-    Disk, for a Colab whose Google Drive has a few GB free: a finished run keeps only ``model.pt``.
-    Once ``model.pt`` is written (atomically), the resumable ``checkpoint.pt`` (about 4 times its
-    size: weights, EMA and AdamW's two moments) is deleted, and so is one left beside a finished
-    model by a run cut off in between, with any temporary file of an interrupted write. Before the
-    first step, a run whose rest needs more free space at ``out_dir`` than there is (two checkpoints
-    at once while one replaces the other, then the model: :meth:`TrainingPlan.disk_bytes_needed`)
-    is refused with :class:`InsufficientDiskSpace` (an OSError) saying needed and free GB, rather
-    than failing at a later checkpoint.
+    Disk, for a Colab whose Google Drive has a few GB free: a finished run keeps only ``model.pt``
+    (float16 where the run computed in a half precision: the preset's ``model_dtype``). Once it is
+    written (atomically), the resumable ``checkpoint.pt`` (weights, EMA and AdamW's two moments) is
+    deleted, and so is one left beside a finished model by a run cut off in between, with any
+    temporary file of an interrupted write. Before the first step the run chooses its checkpoints'
+    format and folder (:func:`choose_checkpoint_storage`: exact ones in ``out_dir``, else compact ones
+    there, else in ``$DIFFAD_SCRATCH``), or is refused with :class:`InsufficientDiskSpace` (an
+    OSError) naming what each needs and what is free, rather than failing at a later checkpoint.
 
     Memory on resume: the models are built from the checkpoint's own tensors, not built and then
     overwritten, so host memory holds the checkpoint's state once, also where it cannot be
