@@ -6,6 +6,8 @@
     python -m diffad tune --data-root data/development --out runs/development
     python -m diffad plan --preset paper --gpu-memory 15 --compute-capability 7.5
     python -m diffad train --data-root data/builtin --category brick --out runs/brick
+    python -m diffad train --images photos/good --out runs/part              # a plain folder of good photos
+    python -m diffad predict runs/part new/*.jpg --out results               # overlays, maps, predictions.csv
     python -m diffad evaluate --data-root data/builtin --category brick --model runs/brick
     python -m diffad reproduce --data-root data/builtin --preset cpu --out runs/cpu
 
@@ -46,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, needs_category=False):
-        p.add_argument("--data-root", required=True, type=Path, help="a folder in the MVTec-AD layout")
+    def common(p, needs_category=False, mvtec_required=True):
+        p.add_argument("--data-root", required=mvtec_required, type=Path, help="a folder in the MVTec-AD layout")
         p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                        help="default: cpu (evaluate: the preset the model was trained with)")
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a preset field")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
         if needs_category:
-            p.add_argument("--category", required=True, action="append",
+            p.add_argument("--category", required=mvtec_required, action="append",
                            help="category to use; repeat it to train one unified model")
 
     p = sub.add_parser("builtin", help="write the built-in dataset")
@@ -87,11 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "a unified model of --categories > 1 is one model for all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("train", help="train (or resume) a model; under torchrun, one model over all processes")
-    common(p, needs_category=True)
+    p = sub.add_parser("train", help="train (or resume) a model on an MVTec-AD category (--data-root, --category), "
+                                      "or a detector on a plain folder of good photos (--images); under torchrun, "
+                                      "one model over all processes")
+    common(p, needs_category=True, mvtec_required=False)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                    help="stop after this many steps in this call (the checkpoint resumes it)")
+    _own_object_arguments(p, sub)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model on a category's test split")
     common(p, needs_category=True)
@@ -109,6 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples of the test images behind each 95%% interval "
                         "(default: diffad.evaluate.BOOTSTRAP_RESAMPLES; 0: no intervals, a faster run)")
     return parser
+
+
+def _own_object_arguments(p, sub) -> None:
+    """``train``'s options for a plain folder of photos, and the ``predict`` command (diffad.detector)."""
+    own = p.add_argument_group("a plain folder of photos (diffad.detector)")
+    own.add_argument("--images", type=Path, default=None, help="a folder of photos of good parts (any size, RGB or "
+                                                               "grey, PNG/JPEG); replaces --data-root and --category")
+    own.add_argument("--method", default="diffusion", choices=("diffusion", "padim", "patchcore"))
+    own.add_argument("--test", type=Path, default=None,
+                     help="labelled test images: good/ and one folder per defect kind (image AUROC is reported)")
+    own.add_argument("--masks", type=Path, default=None, help="their masks, <kind>/<name>_mask.png (default: "
+                                                              "<test>/ground_truth; pixel AUROC and PRO)")
+    own.add_argument("--fpr", type=float, default=0.01,
+                     help="the share of good photos the threshold may flag (default 0.01)")
+    own.add_argument("--holdout", type=float, default=0.25,
+                     help="the share of the photos held out to set the threshold (default 0.25)")
+    own.add_argument("--threshold-from", default="normal", choices=("normal", "labels"),
+                     help="set the threshold on the held-out good photos at --fpr (default), or on the "
+                          "labelled --test images")
+    own.add_argument("--name", default=None, help="the object's name (default: the folder's)")
+
+    p = sub.add_parser("predict", help="score new images with a run of `train --images`: an overlay (heat map and "
+                                        "defect outline), the raw map (.npy) per image, and predictions.csv")
+    p.add_argument("run", type=Path, help="the --out folder of `diffad train --images`")
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders of images")
+    p.add_argument("--out", required=True, type=Path, help="where the overlays, maps and predictions.csv go")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,10 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     from diffad import distributed
 
     try:
-        overrides = parse_overrides(args.set)
+        overrides = parse_overrides(getattr(args, "set", []))
         if args.command == "plan":
             return _plan(args, overrides)
+        if args.command == "train" and args.images is not None:
+            return _train_images(args, overrides)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "train":
+            if args.data_root is None or not args.category:
+                raise ValueError("train needs --images (a folder of good photos), or --data-root and --category "
+                                 "(an MVTec-AD layout)")
             from diffad.train import fit
 
             model = fit(args.data_root, args.category, args.out, args.preset or "cpu", device=args.device,
@@ -179,6 +218,32 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {distributed.rank()} of {distributed.world_size()})" if distributed.launched() else ""
         print(f"diffad {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _train_images(args, overrides: dict) -> int:
+    """``train --images``: a detector on a plain folder of photos (diffad.detector.train)."""
+    from diffad import detector
+
+    if args.data_root is not None or args.category:
+        raise ValueError("--images replaces --data-root and --category: give one or the other")
+    detector.train(args.images, args.out, method=args.method, preset=args.preset or "cpu", test=args.test,
+                   masks=args.masks, fpr=args.fpr, holdout=args.holdout, threshold_from=args.threshold_from,
+                   name=args.name, device=args.device, **overrides)
+    print(f"run in {args.out}; predict with: python -m diffad predict {args.out} IMAGES... --out DIR")
+    return 0
+
+
+def _predict(args) -> int:
+    """``predict RUN IMAGES... --out DIR``: the same Detector.predict and write as in Python."""
+    from diffad.detector import Detector
+
+    model = Detector.load(args.run, args.device)
+    predictions = model.predict(args.images)
+    table = model.write(predictions, args.out)
+    flagged = predictions.verdicts.count("defect")
+    print(f"{len(predictions)} image(s): {flagged} defect, {len(predictions) - flagged} good at threshold "
+          f"{predictions.threshold:.4g}; overlays, maps and {table.name} in {args.out}")
     return 0
 
 

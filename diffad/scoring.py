@@ -128,11 +128,15 @@ def score_raw(
     device=None,
     extractor=None,
     progress: bool = False,
+    noise_indices=None,
 ) -> RawMaps:
     """KL, RGB and feature maps of ``images`` (N, 3, H, W) in [0, 1] at each test timestep.
 
     ``t_indices`` (default: the preset's ``test_timesteps``) index the scoring schedule, the
     preset's ``timestep_respacing`` of the T training steps (with "250", index 5 is original step 20).
+    Image i's noise is drawn from (``seed``, i); ``noise_indices`` (one int per image) replaces i, e.g.
+    all zeros so that an image's maps do not depend on the other images scored with it
+    (:mod:`diffad.detector`).
     """
     preset = model.preset
     timesteps = tuple(preset.test_timesteps if t_indices is None else t_indices)
@@ -161,7 +165,8 @@ def score_raw(
     for start in tqdm(range(0, n, batch_size), desc="score", disable=not progress, leave=False):
         x0 = to_diffusion_range(images[start:start + batch_size]).to(device)
         b = x0.shape[0]
-        noise = torch.stack([_noise_for(start + i, seed, x0.shape[1:], k) for i in range(b)], dim=1).to(device)
+        where = range(start, start + b) if noise_indices is None else noise_indices[start:start + b]
+        noise = torch.stack([_noise_for(int(i), seed, x0.shape[1:], k) for i in where], dim=1).to(device)
         target = model.feature_target(extractor(x0, grid=(grid, grid)) if grid else extractor(x0))
         label = model.unet_kwargs(category, b, device)
         for j, t_index in enumerate(timesteps):
@@ -240,16 +245,18 @@ def anomaly_maps(raw: RawMaps, alpha: float = 0.5, normalization: str = "per_ima
 FINAL_MAP_FIELDS = ("alpha", "normalization", "image_normalization", "smoothing_sigma", "top_k")
 
 
-def final_maps(raw_test: RawMaps, raw_val: RawMaps, preset, alpha: float | None = None
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def final_maps(raw_test: RawMaps, raw_val: RawMaps | None, preset, alpha: float | None = None,
+               normalizer: Normalizer | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Final maps (N, H, W) of every kind and each kind's image scores (N,), from one scoring run.
 
     Everything after the UNet, with the preset's settings in one call: smoothing, normalisation
     (statistics of the validation maps ``raw_val`` where the preset asks for them), the ensemble
     weight (``alpha`` overrides the preset's), and the image score, read from maps normalised as
-    ``image_normalization`` says (the same maps when it is None).
+    ``image_normalization`` says (the same maps when it is None). ``normalizer``: statistics fitted
+    before (a detector's run keeps them), in place of fitting them on ``raw_val`` (then None).
     """
-    normalizer = Normalizer.fit(raw_val, preset.smoothing_sigma)
+    if normalizer is None:
+        normalizer = Normalizer.fit(raw_val, preset.smoothing_sigma)
     alpha = preset.alpha if alpha is None else alpha
     maps = anomaly_maps(raw_test, alpha, preset.normalization, normalizer, preset.smoothing_sigma)
     image_maps = maps

@@ -362,3 +362,62 @@ def pipeline_diagram(figsize=(13, 4.6)):
     ax.text(0.40, top + 0.005, "$x_0$ and $x_t$ give the true posterior $q$", fontsize=7.5,
             color="dimgrey", ha="center", va="bottom")
     return fig
+
+
+def overlay_image(picture, anomaly_map, threshold: float, heat_range: tuple[float, float], outline: bool = True,
+                  cmap: str = "inferno", strength: float = 0.65, outline_color=(0, 255, 0)) -> np.ndarray:
+    """The heat map over a photo, and the defect outline at ``threshold``: (H, W, 3) uint8, no figure.
+
+    ``picture``: (H, W, 3) uint8 (any size: the map, (h, w), is resized to it bilinearly);
+    ``heat_range``: the map values shown as the coldest and the hottest colour (one scale for every
+    image of a run, so colours compare across images); the colour's opacity grows with the value, so
+    normal parts show the photo. The outline (``outline_color``, 1-2 pixels wide) is the edge of
+    where the map exceeds ``threshold``. Built with numpy and PIL alone: a run writes hundreds of these.
+    """
+    from PIL import Image
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    picture = np.asarray(picture, dtype=np.uint8)
+    height, width = picture.shape[:2]
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    values = np.asarray(Image.fromarray(values, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    low, high = heat_range
+    level = np.clip((values - low) / max(high - low, 1e-12), 0.0, 1.0)
+    colours = (plt.get_cmap(cmap)(np.linspace(0, 1, 256))[:, :3] * 255).astype(np.float32)
+    heat = colours[np.round(level * 255).astype(np.intp)]
+    alpha = (strength * level)[..., None]
+    out = picture.astype(np.float32) * (1 - alpha) + heat * alpha
+    if outline:
+        region = values > threshold
+        edge = binary_dilation(region & ~binary_erosion(region, border_value=0), iterations=max(1, width // 256))
+        out[edge] = outline_color
+    return np.round(out).clip(0, 255).astype(np.uint8)
+
+
+def threshold_tradeoff_figure(normal_scores, defect_scores, threshold: float | None = None, marks: dict | None = None,
+                              ax=None, title: str | None = None):
+    """False alarms against misses as the threshold moves: the share of normal images above it and of
+    defective images at or below it, at every threshold; ``threshold`` and ``marks`` (label -> value)
+    drawn as vertical lines."""
+    normal = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    defect = np.sort(np.asarray(defect_scores, dtype=np.float64))
+    grid = np.unique(np.concatenate([normal, defect]))
+    pad = 0.05 * max(grid[-1] - grid[0], 1e-12)
+    grid = np.concatenate([[grid[0] - pad], grid, [grid[-1] + pad]])
+    false_alarms = 1.0 - np.searchsorted(normal, grid, side="right") / max(len(normal), 1)
+    misses = np.searchsorted(defect, grid, side="right") / max(len(defect), 1)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.step(grid, 100 * false_alarms, where="post", color="tab:blue", label="false alarms (% of good images)")
+    ax.step(grid, 100 * misses, where="post", color="tab:red", label="misses (% of defective images)")
+    lines = {} if threshold is None else {"threshold": threshold}
+    lines.update(marks or {})
+    for (label, value), style in zip(lines.items(), ("-", "--", ":", "-.")):
+        ax.axvline(value, color="black", linestyle=style, linewidth=1, label=label)
+    ax.set_xlabel("threshold on the image score")
+    ax.set_ylabel("%")
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=8, loc="center right")
+    if title:
+        ax.set_title(title)
+    return ax

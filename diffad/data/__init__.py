@@ -19,6 +19,10 @@
 * :func:`make_crosscheck_dataset` writes the same categories (the same training images) with
   new normal test images and six defect kinds of a second, independent painter: results on
   defects that no setting was chosen on.
+* :class:`ImageFolder` reads a plain folder of photos (any size, EXIF-upright, checked) as one
+  category, with optional labelled test images and masks, yielding the items MVTecAD yields
+  (:mod:`diffad.data.folder`); :func:`make_photo_folder` writes one, photos of the rocket of
+  ``skimage.data.rocket()`` (:mod:`diffad.data.photos`, chapter 15).
 * :func:`to_diffusion_range` / :func:`from_diffusion_range`: the explicit [0, 1] <-> [-1, 1]
   conversion for the diffusion model.
 
@@ -39,6 +43,8 @@ from .builtin import (
     make_mvtec_shaped_dataset,
 )
 from .crosscheck import CROSSCHECK_KINDS, make_crosscheck_dataset
+from .folder import ImageFolder
+from .photos import make_photo_folder
 from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
 from .mvtec import (
     MVTEC_CATEGORIES,
@@ -64,6 +70,7 @@ __all__ = [
     "MVTEC_SHA256",
     "MVTEC_SIZE",
     "MVTEC_URL",
+    "ImageFolder",
     "MVTecAD",
     "OBJECT_CATEGORIES",
     "Sample",
@@ -77,5 +84,6 @@ __all__ = [
     "make_crosscheck_dataset",
     "make_development_dataset",
     "make_mvtec_shaped_dataset",
+    "make_photo_folder",
     "to_diffusion_range",
 ]
