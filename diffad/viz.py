@@ -395,15 +395,18 @@ def overlay_image(picture, anomaly_map, threshold: float, heat_range: tuple[floa
 
 
 def threshold_tradeoff_figure(normal_scores, defect_scores, threshold: float | None = None, marks: dict | None = None,
-                              ax=None, title: str | None = None):
+                              ax=None, title: str | None = None, log_x: bool = False):
     """False alarms against misses as the threshold moves: the share of normal images above it and of
     defective images at or below it, at every threshold; ``threshold`` and ``marks`` (label -> value)
-    drawn as vertical lines."""
+    drawn as vertical lines; ``log_x`` for positive scores that span decades."""
     normal = np.sort(np.asarray(normal_scores, dtype=np.float64))
     defect = np.sort(np.asarray(defect_scores, dtype=np.float64))
     grid = np.unique(np.concatenate([normal, defect]))
-    pad = 0.05 * max(grid[-1] - grid[0], 1e-12)
-    grid = np.concatenate([[grid[0] - pad], grid, [grid[-1] + pad]])
+    if log_x and grid[0] > 0:
+        grid = np.concatenate([[grid[0] / 1.2], grid, [grid[-1] * 1.2]])
+    else:
+        log_x, pad = False, 0.05 * max(grid[-1] - grid[0], 1e-12)
+        grid = np.concatenate([[grid[0] - pad], grid, [grid[-1] + pad]])
     false_alarms = 1.0 - np.searchsorted(normal, grid, side="right") / max(len(normal), 1)
     misses = np.searchsorted(defect, grid, side="right") / max(len(defect), 1)
     if ax is None:
@@ -414,7 +417,9 @@ def threshold_tradeoff_figure(normal_scores, defect_scores, threshold: float | N
     lines.update(marks or {})
     for (label, value), style in zip(lines.items(), ("-", "--", ":", "-.")):
         ax.axvline(value, color="black", linestyle=style, linewidth=1, label=label)
-    ax.set_xlabel("threshold on the image score")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel("threshold on the image score" + (" (log scale)" if log_x else ""))
     ax.set_ylabel("%")
     ax.set_ylim(-3, 103)
     ax.legend(fontsize=8, loc="center right")
