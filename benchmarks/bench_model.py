@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffad.backbones import FeatureExtractor, backbone_info
 from diffad.models import count_parameters
 from diffad.presets import get_preset
-from diffad.train import build_diffusion, build_unet
+from diffad.models.denoiser import build_diffusion, build_unet
 
 
 def time_training(preset, feature_channels: int, steps: int) -> float:

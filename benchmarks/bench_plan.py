@@ -25,7 +25,9 @@ import torch
 from diffad.backbones import FeatureExtractor
 from diffad.device import ACCELERATORS, GIB
 from diffad.presets import get_preset
-from diffad.train import Batch, build_diffusion, build_unet, make_optimizer, plan_training, training_step
+from diffad.device_plan import plan_training
+from diffad.models.denoiser import build_diffusion, build_unet
+from diffad.step import Batch, make_optimizer, training_step
 
 PAPER_FEATURE_CHANNELS = 24 + 32 + 56 + 160  # EfficientNet-b4 stages 1-4, as the authors tap them
 GPUS = ("T4", "L4", "A100-40GB", "A100-80GB")

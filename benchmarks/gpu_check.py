@@ -97,9 +97,10 @@ from diffad.io import atomic_save, load_torch_file  # noqa: E402
 from diffad.metrics import pixel_auroc  # noqa: E402
 from diffad.presets import Preset, get_preset  # noqa: E402
 from diffad.scoring import score_raw  # noqa: E402
-from diffad.train import (ASSUMED_UTILISATION, LOSS_NAMES, Batch, TrainedModel, TrainingPlan,  # noqa: E402
-                          _rng_states, _set_rng_states, build_diffusion, build_feature_extractor, build_unet,
-                          draw_batch, ema_rate_at, lr_at, make_optimizer, plan_training, training_step)
+from diffad.device_plan import ASSUMED_UTILISATION, TrainingPlan, plan_training  # noqa: E402
+from diffad.models.denoiser import TrainedModel, build_diffusion, build_feature_extractor, build_unet  # noqa: E402
+from diffad.step import LOSS_NAMES, Batch, draw_batch, ema_rate_at, lr_at, make_optimizer, training_step  # noqa: E402
+from diffad.train import _rng_states, _set_rng_states  # noqa: E402
 
 T4_MEMORY_GIB = 15
 T4_CAPABILITY = (7, 5)

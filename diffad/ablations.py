@@ -34,7 +34,8 @@ from diffad.baselines import PaDiM
 from diffad.evaluate import METRIC_LABELS, CategoryData, diffusion_rows, metric_row
 from diffad.presets import SCORING_FIELDS, Preset, get_preset
 from diffad.tables import markdown_table
-from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, pick_device
+from diffad.device import pick_device
+from diffad.models.denoiser import TrainedModel, build_diffusion, build_feature_extractor
 
 # One model for every category. [paper] The unified model trains 20k steps (twice the
 # per-category 10k); [note] the cpu preset doubles its 600 steps the same way. A unified

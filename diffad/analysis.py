@@ -30,7 +30,7 @@ from diffad.data import from_diffusion_range, to_diffusion_range
 from diffad.metrics import pixel_auroc, pro
 from diffad.scoring import OnePass
 from diffad.tables import records_markdown
-from diffad.train import TrainedModel, build_diffusion, build_feature_extractor
+from diffad.models.denoiser import TrainedModel, build_diffusion, build_feature_extractor
 
 DEFECT_METRICS = {"pixel_auroc": pixel_auroc, "pro": pro}
 
@@ -132,12 +132,10 @@ def noise_sweep(model: TrainedModel, image: torch.Tensor, mask, t_originals, cat
     The same unit noise is scaled to every t within a draw, so the images differ only in the
     noise level. One UNet pass per (t, draw) gives x0_hat and the KL map, as in scoring.
     """
-    if not torch.is_tensor(image) or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got "
-                         f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
     size = model.preset.image_size
-    if tuple(image.shape[-2:]) != (size, size):
-        raise ValueError(f"image is {tuple(image.shape[-2:])} but the model was trained at {size}x{size}")
+    if torch.is_tensor(image) and image.ndim != 3:
+        raise ValueError(f"image must be one (3, H, W) tensor in [0, 1], got shape {tuple(image.shape)}")
+    image = check_images(image[None] if torch.is_tensor(image) else image, "image", image_size=size)[0]
     if not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive int, got {draws!r}")
     mask = _as_masks(torch.as_tensor(mask).reshape(1, size, size), (1, size, size))[0]
@@ -236,7 +234,7 @@ def feature_prediction(model: TrainedModel, images: torch.Tensor, t_index: int, 
     preset's ``timestep_respacing``, as in :func:`diffad.scoring.score_raw`). Returns the target
     features (N, C, h, w) (standardised as the head was trained), the prediction (N, C, h, w) and
     the channel-mean squared error (N, h, w), all on the CPU. ``extractor`` defaults to the
-    preset's backbone (:func:`diffad.train.build_feature_extractor`).
+    preset's backbone (:func:`diffad.models.build_feature_extractor`).
     """
     images = check_images(images, image_size=model.preset.image_size)
     diffusion = build_diffusion(model.preset, model.preset.timestep_respacing)

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffad.checks import check_images
 from diffad.io import read_state_dict
 
 __all__ = [
@@ -497,12 +498,7 @@ class FeatureExtractor(nn.Module):
         return ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"images must have shape (B, 3, H, W) or (B, 1, H, W), got {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be floating point in [-1, 1], got dtype {images.dtype}")
+        check_images(images, value_range=None, channels=(3, 1))  # in [-1, 1]; not checked, a hot path
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         x = self.normalize(images)

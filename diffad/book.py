@@ -52,7 +52,8 @@ from diffad.presets import (
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
 from diffad.io import atomic_save
-from diffad.train import MODEL_NAME, TrainedModel, fit
+from diffad.models.denoiser import MODEL_NAME, TrainedModel
+from diffad.train import fit
 
 SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
 BUILTIN_IMAGE_SIZE = 256
@@ -219,7 +220,7 @@ def drive_holds_a_run(folder: Path, preset: Preset) -> bool:
     while one replaces the other, then the model, as a GPU run writes them); if not, says so and what it
     means. The paper preset on a T4 needs 11.1 GB with compact checkpoints (17.9 GB with exact ones), which
     a free 15 GB Drive with 12 GB free holds; with less, the cache stays on the runtime's own disk."""
-    from diffad.train import plan_training
+    from diffad.device_plan import plan_training
 
     plan = plan_training(preset, memory_gib=15, compute_capability=(7, 5), estimate=False)
     smallest = "exact" if preset.checkpoint_format == "exact" else "compact"
@@ -358,10 +359,10 @@ AFFORDABLE_CATEGORIES = 3
 
 def hours_per_model(ctx: Context, categories: int = 1) -> float | None:
     """Estimated training hours of one model of ``categories`` categories on ``ctx``'s GPU (the
-    device plan, ``diffad.train.plan_training``); None on a CPU, where nothing is estimated."""
+    device plan, ``diffad.device_plan.plan_training``); None on a CPU, where nothing is estimated."""
     if ctx.device.type != "cuda":
         return None
-    from diffad.train import plan_training
+    from diffad.device_plan import plan_training
 
     return plan_training(ctx.preset, ctx.device, num_classes=categories).hours_per_model
 

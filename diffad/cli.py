@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"trained {model.categories}: {len(model.history)} steps, model in {args.out}{done}")
         elif args.command == "evaluate":
             from diffad.evaluate import evaluate_category, write_results_csv
-            from diffad.train import MODEL_NAME, TrainedModel
+            from diffad.models import MODEL_NAME, TrainedModel
 
             model = TrainedModel.load(args.model / MODEL_NAME, args.device)
             # scored with its preset's scoring settings of today and --set, not of its training day
@@ -254,7 +254,7 @@ def _plan(args, overrides: dict) -> int:
     capability = None if args.compute_capability is None else _compute_capability(args.compute_capability)
     if args.categories < 1:
         raise ValueError(f"--categories takes 1 or more, got {args.categories}")
-    from diffad.train import plan_training
+    from diffad.device_plan import plan_training
 
     preset = get_preset(args.preset, **overrides)
     plan = plan_training(preset, memory_gib=memory_gib, compute_capability=capability,

@@ -43,7 +43,8 @@ import torch
 from diffad.baselines.padim import PaDiM
 from diffad.data import from_diffusion_range, to_diffusion_range
 from diffad.diffusion import GaussianDiffusion, respace_betas
-from diffad.train import TrainedModel, build_diffusion, check_images
+from diffad.checks import check_images
+from diffad.models.denoiser import TrainedModel, build_diffusion
 
 RECONSTRUCTION_METHODS = ("ddpm", "ddim")
 

@@ -260,7 +260,7 @@ class Detector:
     """A trained method, its threshold and the scale of its heat maps: ``predict`` and ``write``.
 
     Made by :func:`train`, read back by :meth:`load`. ``method`` is one of :data:`METHODS`;
-    ``model`` a :class:`~diffad.train.TrainedModel` (diffusion) or a fitted PaDiM / PatchCore.
+    ``model`` a :class:`~diffad.models.TrainedModel` (diffusion) or a fitted PaDiM / PatchCore.
     """
 
     def __init__(self, method: str, preset: Preset, model, name: str, threshold: Threshold,
@@ -280,7 +280,7 @@ class Detector:
     @property
     def extractor(self):
         if self._extractor is None:
-            from diffad.train import build_feature_extractor
+            from diffad.models import build_feature_extractor
 
             self._extractor = build_feature_extractor(self.preset, self.device)
         return self._extractor
@@ -389,7 +389,7 @@ class Detector:
         device = pick_device(device)
         if record["method"] == "diffusion":
             from diffad.scoring import Normalizer
-            from diffad.train import MODEL_NAME, TrainedModel
+            from diffad.models import MODEL_NAME, TrainedModel
 
             model = TrainedModel.load(run / MODEL_FOLDER / MODEL_NAME, device).scored_as(preset)
             normalizer = Normalizer(*({kind: torch.tensor(values) for kind, values in record["normalizer"][part].items()}
@@ -429,7 +429,7 @@ def read_run(run: str | Path) -> dict:
 
 def _build_baseline(method: str, preset: Preset, device):
     from diffad.baselines import PaDiM, PatchCore
-    from diffad.train import build_feature_extractor
+    from diffad.models import build_feature_extractor
 
     extractor = build_feature_extractor(preset, device)
     return {"padim": PaDiM, "patchcore": PatchCore}[method](extractor=extractor, device=device)
@@ -456,7 +456,7 @@ def use_shipped_model(run: str | Path, name: str, preset: str | Preset = "cpu", 
     (the book's chapter 15 reads the rocket's this way); True when it did. Made by ``python -m diffad train
     --images <photos>/normal --out RUN`` and ``TrainedModel.load(RUN/model/model.pt).save(path, half=True)``."""
     from diffad.presets import training_differences
-    from diffad.train import MODEL_NAME, TrainedModel
+    from diffad.models import MODEL_NAME, TrainedModel
 
     shipped, target = SHIPPED / f"own-{name}.pt", Path(run) / MODEL_FOLDER / MODEL_NAME
     if target.is_file() or not shipped.is_file():
@@ -490,11 +490,13 @@ def _check_out(out: Path) -> None:
 def _training_estimate(preset: Preset, device, feature_channels: int) -> float:
     """Seconds a diffusion run will take here: the fastest of three timed training steps on random data,
     times the preset's steps (loading and the backbone's features come on top, seconds on a CPU)."""
-    from diffad.train import Batch, build_diffusion, build_unet, make_optimizer, training_step
+    from diffad.models import build_diffusion, build_unet
+    from diffad.models.denoiser import feature_grid
+    from diffad.step import Batch, make_optimizer, training_step
 
     unet = build_unet(preset, feature_channels, 1 if preset.class_cond else None).to(device)
     optimizer, diffusion = make_optimizer(unet, preset, device.type), build_diffusion(preset)
-    b, size, grid = preset.batch_size, preset.image_size, preset.image_size // 4
+    b, size, grid = preset.batch_size, preset.image_size, feature_grid(preset)
     x0 = torch.rand(b, 3, size, size, device=device) * 2 - 1
     y = torch.zeros(b, dtype=torch.long, device=device) if preset.class_cond else None
     batch = Batch(x0, torch.randint(preset.max_train_timestep or preset.diffusion_steps, (b,), device=device),
@@ -518,7 +520,8 @@ def _fit_method(folder: ImageFolder, out: Path, method: str, preset: Preset, dev
     """The trained model of ``method`` on the folder's training split (printing the time estimate first)."""
     n_train = len(folder.dataset(folder.name, "train", preset))
     if method == "diffusion":
-        from diffad.train import MODEL_NAME, build_feature_extractor, fit
+        from diffad.models import MODEL_NAME, build_feature_extractor
+        from diffad.train import fit
 
         if not (out / MODEL_FOLDER / MODEL_NAME).is_file():
             channels = build_feature_extractor(preset, device, pretrained=False).out_channels

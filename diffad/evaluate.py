@@ -29,14 +29,20 @@ from tqdm.auto import tqdm
 
 from diffad import distributed
 from diffad.data import MVTecAD, is_builtin, list_categories
+from diffad import methods as method_registry
+from diffad.methods import DIFFUSION_MAPS
 from diffad.metrics import INTERVAL_COLUMNS, ImageBootstrap, bootstrap_intervals, image_auroc, pixel_auroc, pro, pro_authors
 from diffad.presets import Preset, get_preset
 from diffad.scoring import RawMaps, final_maps, score_raw
 from diffad.tables import markdown_table
-from diffad.train import TrainedModel, build_feature_extractor, fit, pick_device
+from diffad.device import pick_device
+from diffad.models.denoiser import TrainedModel, build_feature_extractor
+from diffad.train import fit
 
+# The built-in methods, as rows of results.csv: the diffusion model's maps, then the registered
+# baselines (diffad.methods; method_names() adds any registered later).
 BASELINE_METHODS = ("spade", "padim", "patchcore")
-METHODS = ("ensemble", "kl", "rgb", "feature") + BASELINE_METHODS
+METHODS = DIFFUSION_MAPS + BASELINE_METHODS
 RESULT_COLUMNS = ("category", "method", "pixel_auroc", "pro", "image_auroc")
 # Resamples of the test images behind each 95% interval of results.csv (metrics.ImageBootstrap).
 BOOTSTRAP_RESAMPLES = 1000
@@ -141,13 +147,18 @@ def score_category(model: TrainedModel, data: CategoryData, seed: int = 0, devic
     return raw_test, raw_val
 
 
+def method_names() -> tuple[str, ...]:
+    """Every method's name as a row of the tables: the diffusion model's maps, then each registered method."""
+    return DIFFUSION_MAPS + method_registry.names()
+
+
 def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset,
                    alpha: float | None = None, intervals: int = 0) -> tuple[list[dict], dict, dict]:
     """Metrics of the ensemble, KL, RGB and feature maps with the preset's settings (alpha may be given);
     ``intervals`` bootstrap resamples add 95% intervals (:func:`metric_row`)."""
     maps, all_scores = final_maps(raw_test, raw_val, preset, alpha)
     rows, scores = [], {}
-    for method in ("ensemble", "kl", "rgb", "feature"):
+    for method in DIFFUSION_MAPS:
         scores[method] = all_scores[method]
         rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method],
                                preset.pro_implementation, intervals, preset.seed))
@@ -155,18 +166,15 @@ def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, pres
 
 
 def baseline_rows(data: CategoryData, preset: Preset, device=None,
-                  methods: tuple[str, ...] = BASELINE_METHODS, intervals: int = 0) -> tuple[list[dict], dict, dict]:
-    """SPADE, PaDiM and PatchCore (or those of ``methods``) on the same backbone and images as the diffusion model."""
-    from diffad.baselines import PaDiM, PatchCore, SPADE
-
-    classes = {"spade": SPADE, "padim": PaDiM, "patchcore": PatchCore}
-    unknown = [m for m in methods if m not in classes]
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(classes)}")
+                  methods: tuple[str, ...] | None = None, intervals: int = 0) -> tuple[list[dict], dict, dict]:
+    """Every registered method (:mod:`diffad.methods`: SPADE, PaDiM, PatchCore and any added), or those
+    of ``methods``, fitted on the category's normal training images and run on its test images, on the
+    same backbone and images as the diffusion model."""
+    specs = [method_registry.get(name) for name in (method_registry.names() if methods is None else methods)]
     rows, maps, scores = [], {}, {}
     extractor = build_feature_extractor(preset, device)
-    for name in methods:
-        method = classes[name](extractor=extractor, device=device)
+    for spec in specs:
+        name, method = spec.name, spec.build(preset, extractor, device)
         method.fit(data.train_images)
         maps[name], scores[name] = method.predict(data.test_images)
         rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels, scores[name],
@@ -196,7 +204,7 @@ def complete_baselines(folder: str | Path, category: str, rows: list[dict], data
     """
     folder = Path(folder)
     present = {r["method"] for r in rows}
-    missing = tuple(m for m in BASELINE_METHODS if m not in present)
+    missing = tuple(m for m in method_registry.names() if m not in present)
     if not missing:
         return rows
     preset = preset.for_categories(category)
@@ -284,8 +292,7 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
     quoted = [("SPADE†", "spade"), ("PaDiM†", "padim"), ("CFlow†", "cflow"), ("DRAEM†", "draem"),
               ("UniAD†", "uniad"), ("Paper Ours†", "ours")]
     averages_only = [(f"{q['label']}†", method, q) for method, q in quoted_averages.items()]
-    run = [("SPADE (ours)", "spade"), ("PaDiM (ours)", "padim"), ("PatchCore (ours)", "patchcore"),
-           ("diffad", "ensemble")]
+    run = [(method.label, method.name) for method in method_registry.registered()] + [("diffad", "ensemble")]
     any_mvtec = any(c in paper for c in ours)
     header = (["category"] + ([q for q, _ in quoted] + [q for q, _, _ in averages_only] if any_mvtec else [])
               + [r for r, _ in run])

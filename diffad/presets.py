@@ -33,9 +33,9 @@ from typing import Any
 IMAGE_RESIZES = ("bilinear", "authors")  # diffad.data.mvtec: antialiased bilinear, or the authors' box + bicubic
 NOISE_SCHEDULES = ("linear", "cosine")  # diffad.diffusion.get_named_beta_schedule
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # diffad.device.PRECISION_CHOICES (the Precision enum and "auto")
-EMA_DEVICES = ("auto", "device", "cpu")  # diffad.train.plan_training
-CHECKPOINT_FORMATS = ("auto", "exact", "compact")  # diffad.train.TrainingPlan.checkpoint_bytes_for
-MODEL_DTYPES = ("auto", "float32", "float16")  # diffad.train.plan_training: model.pt's weights
+EMA_DEVICES = ("auto", "device", "cpu")  # diffad.device_plan.plan_training
+CHECKPOINT_FORMATS = ("auto", "exact", "compact")  # diffad.device_plan.TrainingPlan.checkpoint_bytes_for
+MODEL_DTYPES = ("auto", "float32", "float16")  # diffad.device_plan.plan_training: model.pt's weights
 TIMESTEP_MODES = ("consistent", "authors")  # diffad.scoring.score_raw
 KL_STANDARDIZATIONS = ("none", "authors")  # diffad.scoring.score_raw
 NORMALIZATIONS = ("per_image", "validation", "none")  # diffad.scoring.normalized, of the maps
@@ -87,7 +87,7 @@ class Preset:
     max_train_timestep: int | None = None  # sample t below this only (None: all T steps)
     checkpoint_every: int = 1000
     precompute_features: bool = False  # cache the clean images' backbone features once
-    # how the step runs on the device (diffad.train.plan_training; "auto" or None: chosen to fit)
+    # how the step runs on the device (diffad.device_plan.plan_training; "auto" or None: chosen to fit)
     precision: str = "auto"  # "auto" (bf16 from compute capability 8.0, fp16 + GradScaler below, fp32 on CPU) or one of "fp32", "fp16", "bf16"
     gradient_checkpointing: bool | None = None  # recompute activations in backward; None: only when needed to fit
     ema_device: str = "auto"  # where the EMA copy lives: "auto" (on the device when it fits), "device" or "cpu"

@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from diffad.data import to_diffusion_range
 from diffad.presets import KL_STANDARDIZATIONS, NORMALIZATIONS, TIMESTEP_MODES
 from diffad.smoothing import gaussian_kernel1d, smooth  # noqa: F401  (smooth is part of this API)
-from diffad.train import TrainedModel, build_diffusion, build_feature_extractor, check_images, pick_device
+from diffad.checks import check_images
+from diffad.device import pick_device
+from diffad.models.denoiser import TrainedModel, build_diffusion, build_feature_extractor
 
 MAP_TYPES = ("kl", "rgb", "feature")
 

@@ -16,7 +16,7 @@ from diffad import analysis
 from diffad.data import to_diffusion_range
 from diffad.metrics import pixel_auroc, pro
 from diffad.presets import get_preset
-from diffad.train import TrainedModel, build_unet
+from diffad.models.denoiser import TrainedModel, build_unet
 
 SIZE = 32
 

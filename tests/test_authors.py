@@ -36,7 +36,7 @@ def test_every_difference_is_a_field_the_authors_preset_sets():
 
 
 def test_ema_without_warmup_is_their_fixed_rate_from_the_first_step():
-    from diffad.train import ema_rate_at
+    from diffad.step import ema_rate_at
 
     # guided_diffusion/train_util.py: update_ema(params, master_params, rate=rate) with rate fixed
     assert [ema_rate_at(step, 0.997, warmup=False) for step in (0, 1, 10_000)] == [0.997] * 3

@@ -21,7 +21,7 @@ from diffad.baselines import PaDiM
 from diffad.data import from_diffusion_range, to_diffusion_range
 from diffad.denoise import Trajectory, gradient_denoise, reconstruct, reproducible_dtype
 from diffad.presets import get_preset
-from diffad.train import TrainedModel, build_diffusion, build_unet
+from diffad.models.denoiser import TrainedModel, build_diffusion, build_unet
 
 SIZE = 32
 

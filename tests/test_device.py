@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from diffad.cli import main
 from diffad.device import GIB, PeakMemory, Precision, accelerator_of, choose_precision
 from diffad.presets import get_preset
-from diffad.train import TrainingPlan, estimate_training_step, plan_training
+from diffad.device_plan import TrainingPlan, estimate_training_step, plan_training
 
 
 @pytest.mark.parametrize("requested, device, capability, expected", [
@@ -55,7 +55,8 @@ def _small_step(plan_preset, use_fake):
     plan = TrainingPlan(plan_preset, "cpu", None, Precision.FP32, False, "device")
     if use_fake:
         return estimate_training_step(plan, feature_channels=8)[0]
-    from diffad.train import Batch, build_diffusion, build_unet, make_optimizer, training_step
+    from diffad.models.denoiser import build_diffusion, build_unet
+    from diffad.step import Batch, make_optimizer, training_step
 
     torch.manual_seed(0)
     unet = build_unet(plan_preset, 8, None)
@@ -88,7 +89,8 @@ def test_peak_memory_agrees_with_torch_memtracker():
     most; 17.2 against 17.1 GiB on the paper model in fp32)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from diffad.train import Batch, build_diffusion, build_unet, make_optimizer, training_step
+    from diffad.models.denoiser import build_diffusion, build_unet
+    from diffad.step import Batch, make_optimizer, training_step
 
     preset = get_preset("cpu", unet="tiny", image_size=32, batch_size=4)
     unet = build_unet(preset, 8, None)
@@ -175,7 +177,7 @@ def test_a_described_gpu_must_be_possible():
 
 
 def test_fake_mode_leaves_value_checks_for_real_tensors():
-    from diffad.train import build_diffusion
+    from diffad.models.denoiser import build_diffusion
 
     diffusion = build_diffusion(get_preset("cpu"))
     with pytest.raises(ValueError, match="timesteps must lie in"):

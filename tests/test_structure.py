@@ -36,3 +36,32 @@ def test_low_layers_import_nothing_above_them():
     for module in ("diffad.metrics", "diffad.device", "diffad.io", "diffad.checks", "diffad.smoothing"):
         loaded = _modules_imported_by(module) - {"diffad", module}
         assert not loaded, (module, loaded)
+
+
+def _imports_from(module_path: Path, source: str) -> list[tuple[str, list[str]]]:
+    """(module, names) of each ``from X import names`` / ``import X`` in a file, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(module_path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == source:
+            found.append((node.module, [alias.name for alias in node.names]))
+        elif isinstance(node, ast.ImportFrom) and node.module == source.rpartition(".")[0]:
+            if any(alias.name == source.rpartition(".")[2] for alias in node.names):
+                found.append((source, ["*"]))
+        elif isinstance(node, ast.Import) and any(alias.name == source for alias in node.names):
+            found.append((source, ["*"]))
+    return found
+
+
+def test_train_is_imported_only_by_what_trains():
+    """The training loop is a room of its own: a module that reads a model imports it from
+    diffad.models (TrainedModel, the builders), the device plan from diffad.device_plan, the step from
+    diffad.step; diffad.train is imported only for ``fit``, and never for a helper it imports itself."""
+    importers = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        names = [name for _, found in _imports_from(path, "diffad.train") for name in found]
+        if names and path.name != "train.py":
+            importers[path.relative_to(PACKAGE).as_posix()] = set(names)
+    print(importers)
+    assert all(names <= {"fit", "CHECKPOINT_NAME"} for names in importers.values()), importers
+    core = {name for name in importers if not name.startswith("studies/") and name not in ("book.py", "tuning.py")}
+    assert len(core) <= 4, core

@@ -20,6 +20,7 @@ import torch
 
 from diffad.backbones import FeatureExtractor
 from diffad.baselines.common import FeatureBaseline, Prediction
+from diffad.checks import check_images
 from diffad.data import to_diffusion_range
 
 
@@ -169,9 +170,7 @@ class PaDiM(FeatureBaseline):
         """
         if not self.is_fitted:
             raise ValueError("PaDiM is not fitted: call .fit(normal_training_images) first")
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must have shape (B, 3, H, W), got {shape}")
+        check_images(images, value_range=None)
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(f"images are {tuple(images.shape[-2:])} but PaDiM was fitted on {self.image_size} images")
         return self.mahalanobis(self.features(images.to(self.device, self.dtype)))

@@ -1,4 +1,5 @@
-"""The denoising network: OpenAI's ADM UNet with a feature head, and guided-diffusion checkpoint loading."""
+"""The denoising network: OpenAI's ADM UNet with a feature head, guided-diffusion checkpoint loading,
+and the trained denoiser (:mod:`diffad.models.denoiser`: how a preset builds it, ``model.pt``)."""
 
 from diffad.models.checkpoint import (
     GUIDED_DIFFUSION_URLS,
@@ -7,6 +8,13 @@ from diffad.models.checkpoint import (
     load_guided_diffusion_checkpoint,
     read_state_dict,
     resolve_init_checkpoint,
+)
+from diffad.models.denoiser import (
+    MODEL_NAME,
+    TrainedModel,
+    build_diffusion,
+    build_feature_extractor,
+    build_unet,
 )
 from diffad.models.unet import (
     UNET_CONFIGS,
@@ -34,4 +42,9 @@ __all__ = [
     "read_state_dict",
     "resolve_init_checkpoint",
     "MissingInitCheckpoint",
+    "MODEL_NAME",
+    "TrainedModel",
+    "build_diffusion",
+    "build_feature_extractor",
+    "build_unet",
 ]
