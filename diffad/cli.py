@@ -118,10 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _own_object_arguments(p, sub) -> None:
     """``train``'s options for a plain folder of photos, and the ``predict`` command (diffad.detector)."""
+    from diffad.detector import detector_methods
+
     own = p.add_argument_group("a plain folder of photos (diffad.detector)")
     own.add_argument("--images", type=Path, default=None, help="a folder of photos of good parts (any size, RGB or "
                                                                "grey, PNG/JPEG); replaces --data-root and --category")
-    own.add_argument("--method", default="diffusion", choices=("diffusion", "padim", "patchcore"))
+    own.add_argument("--method", default="diffusion", choices=detector_methods(),
+                     help="the diffusion model, or a method of diffad.methods")
     own.add_argument("--test", type=Path, default=None,
                      help="labelled test images: good/ and one folder per defect kind (image AUROC is reported)")
     own.add_argument("--masks", type=Path, default=None, help="their masks, <kind>/<name>_mask.png (default: "

@@ -53,7 +53,16 @@ from diffad.presets import Preset, get_preset
 __all__ = ["METHODS", "DEFAULT_FPR", "DEFAULT_HOLDOUT", "Threshold", "Predictions", "Detector", "train",
            "threshold_at_fpr", "threshold_from_labels", "load_pictures", "RunError", "use_shipped_model"]
 
-METHODS = ("diffusion", "padim", "patchcore")
+
+
+def detector_methods() -> tuple[str, ...]:
+    """The methods a detector can be: the diffusion model, and every method of :mod:`diffad.methods`."""
+    from diffad import methods
+
+    return ("diffusion",) + methods.names()
+
+
+METHODS = ("diffusion", "padim", "patchcore")  # the built-in ones; detector_methods() adds any registered
 DEFAULT_FPR = 0.01
 DEFAULT_HOLDOUT = 0.25
 RUN_FORMAT = "diffad-detector"
@@ -265,8 +274,8 @@ class Detector:
 
     def __init__(self, method: str, preset: Preset, model, name: str, threshold: Threshold,
                  heat_range: tuple[float, float], normalizer=None, info: dict | None = None, device=None):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in detector_methods():
+            raise ValueError(f"method must be one of {detector_methods()}, got {method!r}")
         self.method, self.preset, self.model, self.name = method, preset, model, name
         self.threshold, self.heat_range, self.normalizer = threshold, tuple(heat_range), normalizer
         self.info = dict(info or {})
@@ -428,11 +437,11 @@ def read_run(run: str | Path) -> dict:
 
 
 def _build_baseline(method: str, preset: Preset, device):
-    from diffad.baselines import PaDiM, PatchCore
+    """A registered method (:mod:`diffad.methods`) on the preset's backbone."""
+    from diffad import methods
     from diffad.models import build_feature_extractor
 
-    extractor = build_feature_extractor(preset, device)
-    return {"padim": PaDiM, "patchcore": PatchCore}[method](extractor=extractor, device=device)
+    return methods.get(method).build(preset, build_feature_extractor(preset, device), device)
 
 
 def _load_baseline(path: Path, method: str, preset: Preset, device):
@@ -441,7 +450,7 @@ def _load_baseline(path: Path, method: str, preset: Preset, device):
     saved = load_torch_file(path, mmap=False)
     model = _build_baseline(method, preset, device)
     vars(model).update(saved["state"])
-    return model.to(device)
+    return model.to(device) if hasattr(model, "to") else model
 
 
 # ----------------------------------------------------------------------------- training
@@ -578,8 +587,8 @@ def train(images, out, method: str = "diffusion", preset: str | Preset = "cpu", 
     the photos held out to set it; ``threshold_from``: "normal" (held-out photos at ``fpr``) or "labels"
     (the labelled test images). ``overrides``: preset fields (``train_steps=...``). Returns the detector.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in detector_methods():
+        raise ValueError(f"method must be one of {detector_methods()}, got {method!r}")
     if threshold_from not in ("normal", "labels"):
         raise ValueError(f"threshold_from must be 'normal' or 'labels', got {threshold_from!r}")
     get_preset(preset, **overrides)  # a bad field fails here, before the folder is read
