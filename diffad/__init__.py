@@ -1,8 +1,10 @@
 """diffad: Removing Anomalies as Noises for Industrial Defect Localization (ICCV 2023).
 
-The library grows out of the book: each module maps to a chapter (data, backbones,
-diffusion, models, train, scoring, denoise, baselines, metrics, evaluate), on a few shared
-helpers (device, io, checks, smoothing, tables).
+The library grows out of the book, on two floors. The method's core: each module maps to a
+chapter (data, backbones, diffusion, models, step and train, scoring, denoise, baselines and the
+registry of methods, metrics, evaluate, detector for a folder of one's own photos), on a few
+shared helpers (device and device_plan, io, checks, smoothing, tables, overlays). Above it,
+:mod:`diffad.studies`: what the chapters measure and show, never imported by the core.
 
 Timesteps, one convention everywhere: ``t_original`` is a step of the model's T = 1000
 training steps; ``t_index`` indexes a respaced schedule (the preset's ``timestep_respacing``:

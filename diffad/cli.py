@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "where settings are chosen (diffad.data.make_development_dataset; seed default 1)")
 
     p = sub.add_parser("tune", help="choose the scoring settings on a development set: train or load one model "
-                                     "per category, score once, sweep diffad.tuning.SCORING_GRID, print the choice")
+                                     "per category, score once, sweep diffad.studies.tuning.SCORING_GRID, print the choice")
     common(p)
     p.add_argument("--out", required=True, type=Path, help="models, sweep.csv and chosen.json go here")
     p.add_argument("--category", action="append", default=None, help="default: every category under --data-root")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"PRO {r['pro']:.3f}  image AUROC {r['image_auroc']:.3f}")
             write_results_csv(rows, args.model / "results.csv")
         elif args.command == "tune":
-            from diffad.tuning import tune
+            from diffad.studies.tuning import tune
 
             chosen, _ = tune(args.data_root, args.out, args.preset or "cpu", args.category, device=args.device,
                              **overrides)

@@ -340,8 +340,8 @@ class Detector:
 
     def overlay(self, predictions: Predictions, index: int) -> np.ndarray:
         """The overlay of one prediction: the heat map over the photo, the outline where the map exceeds
-        the threshold on an image judged defective (:func:`diffad.viz.overlay_image`)."""
-        from diffad.viz import overlay_image
+        the threshold on an image judged defective (:func:`diffad.studies.viz.overlay_image`)."""
+        from diffad.overlays import overlay_image
 
         return overlay_image(predictions.pictures[index], predictions.maps[index], self.threshold.value,
                              self.heat_range, outline=predictions.verdicts[index] == "defect")

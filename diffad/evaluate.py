@@ -410,7 +410,7 @@ def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: P
                         labels=result.extra["data"].test_labels.numpy(),
                         masks=result.extra["data"].test_masks.numpy().astype(np.uint8))
     if figures:
-        from diffad.viz import overlay_figure
+        from diffad.overlays import overlay_figure
 
         fig = overlay_figure(result.extra["data"], result.maps, n=4)
         fig.savefig(folder / "overlays.png", dpi=100, bbox_inches="tight")

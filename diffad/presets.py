@@ -450,7 +450,7 @@ PAPER = Preset(
 # (tissue 0.791 / 0.638 / 0.798 -> 0.880 / 0.722 / 0.867); an earlier round had found the same
 # for the random textures on a development copy of the built-in data (grass PRO 0.65 -> 0.72,
 # gravel 0.49 -> 0.74), which then alone trained 600 steps. The scoring settings are chosen on
-# the development set (diffad.tuning, chapter 7): two categories made from other photographs (a
+# the development set (diffad.studies.tuning, chapter 7): two categories made from other photographs (a
 # coin, a tissue) with another seed, never on a reported category or on the cross-check painter's
 # defects. The rule, fixed before looking: the best mean of the ensemble's pixel AUROC, PRO and
 # image AUROC over the grid tuning.SCORING_GRID (alpha 0..1, both normalisations for the maps and
@@ -501,7 +501,7 @@ CPU = Preset(
 # Why each cpu setting departs from the paper's, and how it was chosen: the ledger of chapter 10
 # (a test checks that every field where CPU and PAPER differ has its line). "scale": forced by
 # 2 CPU cores and minutes per category; "dev": measured on development data, never on the test
-# split: the scoring fields on the development set of other photographs (diffad.tuning, chapter 7),
+# split: the scoring fields on the development set of other photographs (diffad.studies.tuning, chapter 7),
 # the training fields in earlier rounds on a development copy of the built-in data (seed 1);
 # "follows": a consequence of another line.
 CPU_DEPARTURES: dict[str, tuple[str, str]] = {

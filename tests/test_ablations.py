@@ -1,9 +1,9 @@
-"""Tests of diffad.ablations: rescoring settings, timestep ranges, PaDiM ablations, comparison tables."""
+"""Tests of diffad.studies.ablations: rescoring settings, timestep ranges, PaDiM ablations, comparison tables."""
 
 import pytest
 import torch
 
-from diffad import ablations
+from diffad.studies import ablations
 from diffad.baselines import PaDiM
 from diffad.evaluate import CategoryData
 from diffad.presets import get_preset
@@ -228,7 +228,7 @@ def test_matched_unified_model_trains_each_category_as_long_as_its_own_model():
 
 
 def test_matched_categories_skip_lengthened_ones_and_keep_the_cpu_study():
-    from diffad.ablations import matched_categories
+    from diffad.studies.ablations import matched_categories
 
     cpu = get_preset("cpu")
     every = ["brick", "capsule", "cup", "grass", "gravel", "nut", "retina"]

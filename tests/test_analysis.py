@@ -1,4 +1,4 @@
-"""Tests of diffad.analysis: the measurements behind the book's figures.
+"""Tests of diffad.studies.analysis: the measurements behind the book's figures.
 
 Expected values are derived by hand (constructed images with known contrast, the schedule's
 closed form) or from the metric functions applied directly; a tiny perturbed UNet stands in
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffad import analysis
+from diffad.studies import analysis
 from diffad.data import to_diffusion_range
 from diffad.metrics import pixel_auroc, pro
 from diffad.presets import get_preset
@@ -256,7 +256,7 @@ def _toy_crack_category(root) -> np.ndarray:
 
 
 def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
-    from diffad.analysis import mask_fragments
+    from diffad.studies.analysis import mask_fragments
 
     _toy_crack_category(tmp_path / "toy")
     (row,) = mask_fragments(tmp_path, "toy", 32)
@@ -265,7 +265,7 @@ def test_mask_fragments_counts_regions_under_each_rule(tmp_path):
 
 
 def test_mask_rule_effect_rescores_saved_maps_under_both_rules(tmp_path):
-    from diffad.analysis import mask_rule_effect, masks_by_rule
+    from diffad.studies.analysis import mask_rule_effect, masks_by_rule
     from diffad.data.mvtec import downsample_mask
 
     full = _toy_crack_category(tmp_path / "data" / "toy")

@@ -143,7 +143,7 @@ def test_scoring_with_the_authors_fields(tiny_model, tiny_builtin):
 
 
 def test_scoring_changes_scale_the_grid_and_skip_what_cannot_differ():
-    from diffad.ablations import authors_difference_table, authors_scoring_changes
+    from diffad.studies.ablations import authors_difference_table, authors_scoring_changes
     from diffad.presets import AUTHORS_DIFFERENCES
 
     paper, cpu = authors_scoring_changes(get_preset("paper")), authors_scoring_changes(get_preset("cpu"))

@@ -14,7 +14,7 @@ import nbformat
 import pytest
 import yaml
 
-from diffad import book
+from diffad.studies import book
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = [

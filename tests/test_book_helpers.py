@@ -1,4 +1,4 @@
-"""diffad.book: the model cache, the no-training guard and the scored-maps cache the chapters share."""
+"""diffad.studies.book: the model cache, the no-training guard and the scored-maps cache the chapters share."""
 
 import copy
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from diffad import book
-from diffad.ablations import rescored
+from diffad.studies import book
+from diffad.studies.ablations import rescored
 from diffad.evaluate import CategoryData
 from diffad.presets import PRESETS, PresetError, get_preset
 
@@ -52,7 +52,7 @@ def test_trained_once_then_served_from_the_cache(ctx):
 
 
 def test_shipped_cpu_checkpoints_are_listed():
-    from diffad.ablations import unified_overrides
+    from diffad.studies.ablations import unified_overrides
     from diffad.data import BUILTIN_CATEGORIES, DEVELOPMENT_CATEGORIES
 
     cpu = get_preset("cpu")
@@ -85,7 +85,7 @@ def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch
     # inherit this process's environment) do not run in this test's folder
     monkeypatch.setenv("DIFFAD_CACHE", str(tmp_path / "unused"))
     monkeypatch.delenv("DIFFAD_CACHE")
-    from diffad import book as chapter_runtime
+    from diffad.studies import book as chapter_runtime
 
     assert chapter_runtime.drive_cache() is None
     assert "Google Drive not mounted" in capsys.readouterr().out
@@ -100,8 +100,9 @@ def test_a_free_drive_holds_a_paper_run_with_compact_checkpoints(tmp_path, monke
     import collections
     import shutil
 
-    monkeypatch.delenv("DIFFAD_CACHE", raising=False)
-    monkeypatch.delenv("DIFFAD_SCRATCH", raising=False)
+    for variable in ("DIFFAD_CACHE", "DIFFAD_SCRATCH"):  # set, then deleted: restored after the test
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
     drive = tmp_path / "drive"
     drive.mkdir()
     monkeypatch.setattr(book, "drive_cache", lambda: drive)
@@ -149,7 +150,7 @@ def test_the_variants_the_chapters_read_are_shipped(categories, fields):
     """Chapter 13's authors' choices (with their 200-step base, the variant studies' schedule),
     chapter 10's seeds (the preset's own 600 steps) and chapter 11's compute-matched unified model
     ship, each under the fingerprint of the training fields it records."""
-    from diffad.ablations import matched_unified_overrides, variant_study_preset
+    from diffad.studies.ablations import matched_unified_overrides, variant_study_preset
     from diffad.presets import training_fingerprint
 
     cpu = get_preset("cpu")

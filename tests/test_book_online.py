@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffad import book
+from diffad.studies import book
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -136,7 +136,7 @@ def test_every_github_url_is_the_repository_of_config_yml():
             if repository.lower() != ours and repository not in THIRD_PARTY:
                 wrong.append(f"{path.relative_to(ROOT)}: github.com/{repository}")
     assert not wrong, (f"GitHub URLs other than _config.yml's repository {ours} (change it in one place "
-                       f"with `python -m diffad.book set-repository-url URL`; list a third-party "
+                       f"with `python -m diffad.studies.book set-repository-url URL`; list a third-party "
                        f"repository in THIRD_PARTY): {wrong}")
 
 
@@ -150,9 +150,9 @@ def test_every_chapter_installs_from_the_repository_on_colab():
 
 def copy_of_the_repository(tmp_path: Path) -> Path:
     (tmp_path / "book").mkdir()
-    (tmp_path / "diffad").mkdir()
+    (tmp_path / "diffad" / "studies").mkdir(parents=True)
     shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
-    shutil.copy(ROOT / "diffad" / "book.py", tmp_path / "diffad" / "book.py")
+    shutil.copy(ROOT / "diffad" / "studies" / "book.py", tmp_path / "diffad" / "studies" / "book.py")
     for path in NOTEBOOKS:
         shutil.copy(path, tmp_path / "book" / path.name)
     return tmp_path
@@ -164,8 +164,8 @@ def test_set_repository_url_changes_config_constant_and_install_cells_only(tmp_p
     changed = book.set_repository_url(new + ".git", root)
     assert book.repository_url(root) == new
     assert yaml.safe_load((root / "_config.yml").read_text())["repository"]["url"] == new
-    assert f'REPOSITORY_URL = "{new}"' in (root / "diffad" / "book.py").read_text()
-    assert set(changed) == {root / "_config.yml", root / "diffad" / "book.py",
+    assert f'REPOSITORY_URL = "{new}"' in (root / "diffad" / "studies" / "book.py").read_text()
+    assert set(changed) == {root / "_config.yml", root / "diffad" / "studies" / "book.py",
                             *(root / "book" / p.name for p in NOTEBOOKS)}
     for path in NOTEBOOKS:
         before, after = notebook(path), notebook(root / "book" / path.name)
@@ -186,8 +186,8 @@ def test_set_repository_url_changes_config_constant_and_install_cells_only(tmp_p
 def test_set_repository_url_from_the_shell(tmp_path):
     root = copy_of_the_repository(tmp_path)
     new = "https://github.com/someone/other"
-    result = subprocess.run([sys.executable, "-m", "diffad.book", "set-repository-url", new, "--root", str(root)],
-                            capture_output=True, text=True, check=True, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "diffad.studies.book", "set-repository-url", new, "--root",
+                             str(root)], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert "_config.yml" in result.stdout
     assert book.repository_url(root) == new
 
@@ -318,7 +318,7 @@ def test_the_static_views_use_the_widgets_calls():
     matplotlib.use("Agg")
     import torch
 
-    from diffad import widgets
+    from diffad.studies import widgets
     from diffad.evaluate import CategoryData
     from diffad.presets import get_preset
     from diffad.scoring import RawMaps

@@ -1,4 +1,4 @@
-"""Tests of diffad.feature_analysis: PCA measurements against features with known covariance,
+"""Tests of diffad.studies.feature_analysis: PCA measurements against features with known covariance,
 and the predictability measurement against a learnable and an unlearnable target."""
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffad import feature_analysis as fa
+from diffad.studies import feature_analysis as fa
 
 
 def known_covariance_features(variances, n=4, size=8, seed=0):

@@ -167,7 +167,7 @@ def test_a_run_folder_of_another_kind_or_version_is_refused(tmp_path, capsys):
 
 
 def test_the_overlay_shows_heat_and_an_outline():
-    from diffad.viz import overlay_image
+    from diffad.overlays import overlay_image
 
     picture = np.full((40, 60, 3), 128, np.uint8)
     amap = np.zeros((8, 8), np.float32)

@@ -8,8 +8,8 @@ the same code as the preset's own 600-step model, a third as long, which keeps C
 
 import pytest
 
-from diffad import book
-from diffad.ablations import variant_study_preset
+from diffad.studies import book
+from diffad.studies.ablations import variant_study_preset
 from diffad.evaluate import CategoryData, diffusion_rows, score_category
 from diffad.presets import get_preset
 from diffad.train import TrainedModel, fit

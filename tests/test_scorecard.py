@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from diffad import scorecard
+from diffad.studies import scorecard
 
 
 def _diff(value, tie=False):

@@ -63,5 +63,28 @@ def test_train_is_imported_only_by_what_trains():
             importers[path.relative_to(PACKAGE).as_posix()] = set(names)
     print(importers)
     assert all(names <= {"fit", "CHECKPOINT_NAME"} for names in importers.values()), importers
-    core = {name for name in importers if not name.startswith("studies/") and name not in ("book.py", "tuning.py")}
+    core = {name for name in importers if not name.startswith("studies/")}
     assert len(core) <= 4, core
+
+
+# The shell's front end sits above both floors (its `tune` command runs a study); the rest is the core.
+FRONT_ENDS = {"cli.py", "__main__.py"}
+
+
+def test_the_core_never_imports_the_studies():
+    """Two floors: the method's core (what a user of the library runs) never imports diffad.studies
+    (what the chapters measure and show), neither at the top of a module nor inside a function."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("studies/") or relative in FRONT_ENDS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                       else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "diffad":
+                modules = [f"diffad.{alias.name}" for alias in node.names]
+            offenders += [f"{relative}:{node.lineno} {m}" for m in modules if m.startswith("diffad.studies")]
+    assert not offenders, offenders
+    loaded = _modules_imported_by("diffad.evaluate") | _modules_imported_by("diffad.detector")
+    assert not {m for m in loaded if m.startswith("diffad.studies")}, loaded

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffad import tuning
+from diffad.studies import tuning
 from diffad.evaluate import CategoryData, diffusion_rows
 from diffad.presets import get_preset
 from diffad.scoring import RawMaps

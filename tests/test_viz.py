@@ -1,4 +1,4 @@
-"""Tests of the figure helpers in diffad.viz: what they draw, and clear errors on bad input."""
+"""Tests of the figure helpers in diffad.studies.viz: what they draw, and clear errors on bad input."""
 
 import matplotlib
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffad import viz
+from diffad.studies import viz
 from diffad.metrics import threshold_sweep_curve
 
 

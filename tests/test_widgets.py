@@ -1,4 +1,4 @@
-"""Tests of diffad.widgets: the alpha explorer recomputes maps and metrics when driven programmatically."""
+"""Tests of diffad.studies.widgets: the alpha explorer recomputes maps and metrics when driven programmatically."""
 
 import matplotlib
 
@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("ipywidgets")
 
-from diffad import widgets
+from diffad.studies import widgets
 from diffad.evaluate import CategoryData
 from diffad.metrics import image_auroc, pixel_auroc, pro
 from diffad.presets import get_preset

@@ -49,7 +49,7 @@ def metrics_html(rows: list[dict], alpha: float, normalization: str, image_norma
 def _figure_png(data, maps: dict, indices) -> bytes:
     import matplotlib.pyplot as plt
 
-    from diffad.viz import overlay_figure
+    from diffad.overlays import overlay_figure
 
     fig = overlay_figure(data, maps, indices=indices)
     buffer = io.BytesIO()
@@ -64,7 +64,7 @@ def alpha_explorer(data, raw_test: RawMaps, raw_val: RawMaps, preset, indices=No
     """A widget: an alpha slider and normalisation dropdowns over the ensemble's maps and metrics.
 
     ``data`` is a :class:`diffad.evaluate.CategoryData`; ``raw_test`` / ``raw_val`` the cached raw
-    maps of its test and validation images (:func:`diffad.book.scored`); ``preset`` gives the
+    maps of its test and validation images (:func:`diffad.studies.book.scored`); ``preset`` gives the
     starting alpha and normalisations, the smoothing and top-k. ``indices`` picks the test images
     drawn (default: one per defect type, 3). Returns an ``ipywidgets.VBox`` with its parts as
     attributes: ``slider``, ``dropdown`` (the maps' normalisation), ``image_dropdown`` (the
@@ -86,7 +86,7 @@ def alpha_explorer(data, raw_test: RawMaps, raw_val: RawMaps, preset, indices=No
     choices = MAP_NORMALIZATIONS + tuple(n for n in NORMALIZATIONS if n not in MAP_NORMALIZATIONS
                                          and n in (normalization, image_normalization))
     if indices is None:
-        from diffad.viz import pick_examples
+        from diffad.overlays import pick_examples
 
         indices = pick_examples(data.test_labels, data.defect_types, 3)
 

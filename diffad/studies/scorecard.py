@@ -43,7 +43,7 @@ def _share(agreeing: int, total: int) -> str:
 
 
 def noise_hides_claim(sweeps: dict) -> Claim:
-    """Fig. 2 from :func:`diffad.analysis.noise_sweep` results (defect kind -> NoiseSweep): noise
+    """Fig. 2 from :func:`diffad.studies.analysis.noise_sweep` results (defect kind -> NoiseSweep): noise
     hides the defect (its contrast falls with t) and the model's estimate singles it out (the
     inside/outside error ratio exceeds 1 at some t)."""
     parts, agreeing = [], 0

@@ -55,7 +55,7 @@ from diffad.io import atomic_save
 from diffad.models.denoiser import MODEL_NAME, TrainedModel
 from diffad.train import fit
 
-SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
+SHIPPED = Path(__file__).parents[1] / "resources" / "checkpoints"
 BUILTIN_IMAGE_SIZE = 256
 
 
@@ -404,7 +404,7 @@ def unified_model(ctx: Context, categories: Sequence[str], train: bool = False) 
     built-in data, and on MVTec-AD where ``train`` says so, where the reader sized the run on a CPU
     (``DIFFAD_SET``), or where its estimated training fits :data:`AFFORDABLE_GPU_HOURS` on this
     GPU; otherwise None, with the hours it would take printed."""
-    from diffad.ablations import unified_overrides
+    from diffad.studies.ablations import unified_overrides
 
     preset = ctx.preset.replace(**unified_overrides(ctx.preset))
     if ctx.environment.get(SET_VARIABLE):
@@ -514,7 +514,7 @@ def variant_study(ctx: Context) -> Context:
     """``ctx`` with the training schedule of the variant studies (the authors' training choices;
     ``ablations.variant_study_preset``): pass it to :func:`variant_model`, and take the base model
     to compare with from it too."""
-    from diffad.ablations import variant_study_preset
+    from diffad.studies.ablations import variant_study_preset
 
     return dataclasses.replace(ctx, preset=variant_study_preset(ctx.preset))
 
@@ -567,9 +567,9 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
 # The GitHub repository of the book: _config.yml's `repository.url` (Jupyter Book derives the
 # Colab, Binder and repository buttons from it), copied here for an installed diffad without the
 # repository around it, and literally into every chapter's Colab install cell, which runs before
-# diffad is installed. `python -m diffad.book set-repository-url URL` changes all of them.
+# diffad is installed. `python -m diffad.studies.book set-repository-url URL` changes all of them.
 REPOSITORY_URL = "https://github.com/diffad/diffad"
-REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 _CONFIG_URL = re.compile(r"^(repository:[ \t]*\n(?:[ \t]+.*\n|[ \t]*\n)*?[ \t]+url:[ \t]*)(\S+)", re.M)
 _GITHUB_REPOSITORY = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+")
 _INSTALL_URL = re.compile(r"(git\+)(https://github\.com/[\w.-]+/[\w.-]+)")
@@ -612,7 +612,7 @@ def set_repository_url(url: str, root: str | Path | None = None) -> list[Path]:
             changed.append(path)
 
     rewrite(config, _CONFIG_URL.sub(lambda m: m.group(1) + url, config.read_text(), count=1))
-    module = root / "diffad" / "book.py"
+    module = root / "diffad" / "studies" / "book.py"
     if module.is_file():
         rewrite(module, _CONSTANT.sub(lambda m: m.group(1) + url + m.group(3), module.read_text(), count=1))
     for path in sorted((root / "book").glob("*.ipynb")):
@@ -627,10 +627,10 @@ def set_repository_url(url: str, root: str | Path | None = None) -> list[Path]:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m diffad.book")
+    parser = argparse.ArgumentParser(prog="python -m diffad.studies.book")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("set-repository-url", help="make URL the book's GitHub repository "
-                                  "(_config.yml, diffad.book, every chapter's Colab install cell)")
+                                  "(_config.yml, diffad.studies.book, every chapter's Colab install cell)")
     command.add_argument("url")
     command.add_argument("--root", default=None, help="the repository (default: the one around diffad)")
     arguments = parser.parse_args()
