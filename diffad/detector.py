@@ -455,9 +455,6 @@ def _load_baseline(path: Path, method: str, preset: Preset, device):
 
 # ----------------------------------------------------------------------------- training
 
-SHIPPED = Path(__file__).parent / "resources" / "checkpoints"
-
-
 def use_shipped_model(run: str | Path, name: str, preset: str | Preset = "cpu", holdout: float = DEFAULT_HOLDOUT,
                       **overrides) -> bool:
     """Put a model shipped with diffad (``resources/checkpoints/own-<name>.pt``) into ``run`` when it was
@@ -467,9 +464,12 @@ def use_shipped_model(run: str | Path, name: str, preset: str | Preset = "cpu", 
     from diffad.presets import training_differences
     from diffad.models import MODEL_NAME, TrainedModel
 
-    shipped, target = SHIPPED / f"own-{name}.pt", Path(run) / MODEL_FOLDER / MODEL_NAME
-    if target.is_file() or not shipped.is_file():
+    from diffad.shipped import manifest, shipped_file
+
+    target = Path(run) / MODEL_FOLDER / MODEL_NAME
+    if target.is_file() or f"own-{name}.pt" not in manifest():
         return target.is_file()
+    shipped = shipped_file(f"own-{name}.pt")  # in the package, or fetched from the repository
     wanted = get_preset(preset, **{"val_fraction": holdout, **overrides}).for_categories([name])
     saved = TrainedModel.load(shipped)
     if saved.categories != [name] or training_differences(saved.preset, wanted):

@@ -125,14 +125,18 @@ def test_a_free_drive_holds_a_paper_run_with_compact_checkpoints(tmp_path, monke
 
 
 def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp_path):
+    from diffad import shipped as shipped_models
+
     shipped = tmp_path / "shipped"
     shipped.mkdir()
-    monkeypatch.setattr(book, "SHIPPED", shipped)
+    monkeypatch.setattr(shipped_models, "SHIPPED", shipped)
+    monkeypatch.setattr(shipped_models, "MANIFEST", shipped_models.write_manifest(shipped))
     assert book.variant_model(ctx, "brick", grad_clip=None) is None  # neither cached nor shipped
     trained = book.variant_model(ctx, "brick", allow_training=True, grad_clip=None)
     assert trained.preset.grad_clip is None
     # shipped under any name after the run's: found by the fields it records, not by its name
     trained.save(shipped / f"{ctx.preset.name}-brick-anything.pt")
+    shipped_models.write_manifest(shipped)
     other = book.Context(ctx.preset, ctx.device, ctx.data_root, ctx.categories, tmp_path / "fresh-cache")
     found = book.variant_model(other, "brick", grad_clip=None)
     assert found is not None and found.preset.grad_clip is None

@@ -150,9 +150,9 @@ def test_every_chapter_installs_from_the_repository_on_colab():
 
 def copy_of_the_repository(tmp_path: Path) -> Path:
     (tmp_path / "book").mkdir()
-    (tmp_path / "diffad" / "studies").mkdir(parents=True)
+    (tmp_path / "diffad").mkdir()
     shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
-    shutil.copy(ROOT / "diffad" / "studies" / "book.py", tmp_path / "diffad" / "studies" / "book.py")
+    shutil.copy(ROOT / "diffad" / "shipped.py", tmp_path / "diffad" / "shipped.py")
     for path in NOTEBOOKS:
         shutil.copy(path, tmp_path / "book" / path.name)
     return tmp_path
@@ -164,8 +164,8 @@ def test_set_repository_url_changes_config_constant_and_install_cells_only(tmp_p
     changed = book.set_repository_url(new + ".git", root)
     assert book.repository_url(root) == new
     assert yaml.safe_load((root / "_config.yml").read_text())["repository"]["url"] == new
-    assert f'REPOSITORY_URL = "{new}"' in (root / "diffad" / "studies" / "book.py").read_text()
-    assert set(changed) == {root / "_config.yml", root / "diffad" / "studies" / "book.py",
+    assert f'REPOSITORY_URL = "{new}"' in (root / "diffad" / "shipped.py").read_text()
+    assert set(changed) == {root / "_config.yml", root / "diffad" / "shipped.py",
                             *(root / "book" / p.name for p in NOTEBOOKS)}
     for path in NOTEBOOKS:
         before, after = notebook(path), notebook(root / "book" / path.name)

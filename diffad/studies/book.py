@@ -15,7 +15,6 @@ the book does not retrain them (``python -m diffad train`` reproduces each one; 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import os
 import re
@@ -46,16 +45,15 @@ from diffad.presets import (
     fingerprint,
     get_preset,
     parse_field,
-    training_differences,
     training_fingerprint,
 )
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
 from diffad.io import atomic_save
 from diffad.models.denoiser import MODEL_NAME, TrainedModel
+from diffad.shipped import REPOSITORY_URL, find_shipped, manifest, shipped_file
 from diffad.train import fit
 
-SHIPPED = Path(__file__).parents[1] / "resources" / "checkpoints"
 BUILTIN_IMAGE_SIZE = 256
 
 
@@ -452,17 +450,12 @@ def shipped_checkpoint(preset: Preset, categories: list[str]) -> Path | None:
 
     ``<preset>-<categories>.pt`` is the preset's own model; ``<preset>-<categories>-<fingerprint>.pt``
     are variants trained with other settings (the authors' training choices, other seeds), found
-    by comparing the training fields each file records, never by name alone.
+    by the training fields the manifest records for each file, never by name alone
+    (:func:`diffad.shipped.find_shipped`). One that a pip-installed diffad lacks is fetched from the
+    repository (:func:`diffad.shipped.shipped_file`).
     """
-    wanted = preset.for_categories(categories)
-    run = _run_name(preset, categories)
-    candidates = [SHIPPED / f"{run}.pt", *sorted(SHIPPED.glob(f"{glob.escape(run)}-*.pt"))]
-    for path in candidates:
-        if path.is_file():
-            saved = TrainedModel.load(path)
-            if not training_differences(saved.preset, wanted) and saved.categories == categories:
-                return path
-    return None
+    name = find_shipped(preset.name, list(categories), training_fingerprint(preset.for_categories(categories)))
+    return None if name is None else shipped_file(name)
 
 
 def model_folder(ctx: Context, categories: list[str]) -> Path:
@@ -521,8 +514,9 @@ def variant_study(ctx: Context) -> Context:
 
 def shipped_categories(preset: Preset) -> set[str]:
     """Categories with a shipped single-category checkpoint for ``preset``."""
-    names = {p.stem[len(preset.name) + 1:].split("-")[0] for p in SHIPPED.glob(f"{preset.name}-*.pt")}
-    return {name for name in names if "+" not in name and shipped_checkpoint(preset, [name]) is not None}
+    names = {name[len(preset.name) + 1:-3].split("-")[0] for name in manifest() if name.startswith(f"{preset.name}-")}
+    return {name for name in names if "+" not in name
+            and find_shipped(preset.name, [name], training_fingerprint(preset.for_categories(name))) is not None}
 
 
 def category_data(ctx: Context, category: str) -> CategoryData:
@@ -565,10 +559,10 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
 # ---------------------------------------------------------------- the repository's one URL
 
 # The GitHub repository of the book: _config.yml's `repository.url` (Jupyter Book derives the
-# Colab, Binder and repository buttons from it), copied here for an installed diffad without the
-# repository around it, and literally into every chapter's Colab install cell, which runs before
-# diffad is installed. `python -m diffad.studies.book set-repository-url URL` changes all of them.
-REPOSITORY_URL = "https://github.com/diffad/diffad"
+# Colab, Binder and repository buttons from it), copied into diffad.shipped.REPOSITORY_URL for an
+# installed diffad without the repository around it, and literally into every chapter's Colab
+# install cell, which runs before diffad is installed. `python -m diffad.studies.book
+# set-repository-url URL` changes all of them.
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 _CONFIG_URL = re.compile(r"^(repository:[ \t]*\n(?:[ \t]+.*\n|[ \t]*\n)*?[ \t]+url:[ \t]*)(\S+)", re.M)
 _GITHUB_REPOSITORY = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+")
@@ -591,7 +585,7 @@ def repository_url(root: str | Path | None = None) -> str:
 
 
 def set_repository_url(url: str, root: str | Path | None = None) -> list[Path]:
-    """Make ``url`` the book's repository: in _config.yml, :data:`REPOSITORY_URL` in this file and
+    """Make ``url`` the book's repository: in _config.yml, :data:`diffad.shipped.REPOSITORY_URL` and
     the install cell of every book/*.ipynb (outputs and other cells untouched). Returns the files
     changed."""
     import json
@@ -612,7 +606,7 @@ def set_repository_url(url: str, root: str | Path | None = None) -> list[Path]:
             changed.append(path)
 
     rewrite(config, _CONFIG_URL.sub(lambda m: m.group(1) + url, config.read_text(), count=1))
-    module = root / "diffad" / "studies" / "book.py"
+    module = root / "diffad" / "shipped.py"
     if module.is_file():
         rewrite(module, _CONSTANT.sub(lambda m: m.group(1) + url + m.group(3), module.read_text(), count=1))
     for path in sorted((root / "book").glob("*.ipynb")):
