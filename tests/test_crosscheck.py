@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from diffad.data import BUILTIN_CATEGORIES, BUILTIN_OBJECTS, MVTecAD, make_builtin_dataset
-from diffad.data.builtin import _rng
+from diffad.data.builtin import category_rng as _rng
 from diffad.data.crosscheck import CROSSCHECK_KINDS, make_crosscheck_dataset, paint
 
 

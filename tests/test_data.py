@@ -402,7 +402,7 @@ def test_builtin_mask_is_exactly_the_altered_region():
     from it they equal the clean scene up to sensor noise and 8-bit rounding."""
     from scipy.ndimage import binary_dilation
 
-    from diffad.data import builtin
+    from diffad.data import builtin, scenes
 
     size = 64
     for category in BUILTIN_CATEGORIES + builtin.DEVELOPMENT_CATEGORIES:
@@ -410,8 +410,8 @@ def test_builtin_mask_is_exactly_the_altered_region():
             for index, level in enumerate((0.0, 0.5, 1.0)):
                 # Each defective image draws its scene first from its own generator, so the same
                 # seed gives the clean scene.
-                clean = builtin._SCENES[category](builtin._rng(0, category, 100 + kind_index, index), size).image
-                rng = builtin._rng(0, category, 100 + kind_index, index)
+                clean = scenes.SCENES[category](builtin.category_rng(0, category, 100 + kind_index, index), size).image
+                rng = builtin.category_rng(0, category, 100 + kind_index, index)
                 image, mask = builtin._defective_image(category, kind, rng, size, level)
                 change = np.abs(image / 255.0 - clean).max(axis=2)
                 assert change[mask].mean() > 0.03, (category, kind, index)
@@ -458,7 +458,7 @@ def test_defect_kind_documentation():
 
 
 def test_every_defect_kind_has_one_painter():
-    from diffad.data.builtin import _PAINTERS, DEFECT_KINDS
+    from diffad.data.defects import DEFECT_KINDS, PAINTERS as _PAINTERS
 
     assert set(_PAINTERS) == set(DEFECT_KINDS)
 
@@ -484,7 +484,7 @@ def test_downsampled_masks_keep_a_thin_crack_in_one_piece():
 
 def test_development_set_shares_no_source_or_seed_with_the_test_categories(tmp_path):
     from diffad.data import DEVELOPMENT_CATEGORIES, make_development_dataset
-    from diffad.data.builtin import _FOREIGN_SOURCE, _MATCHED_SOURCE
+    from diffad.data.defects import _FOREIGN_SOURCE, _MATCHED_SOURCE
 
     root = make_development_dataset(tmp_path / "dev", image_size=64, n_train=2, n_test_good=1, n_test_per_defect=1)
     assert list_categories(root) == sorted(DEVELOPMENT_CATEGORIES)
@@ -502,8 +502,9 @@ def test_development_set_shares_no_source_or_seed_with_the_test_categories(tmp_p
 
 def test_coin_is_a_photographed_object_with_pose_changes():
     from diffad.data import builtin
+    from diffad.data.scenes import SCENES
 
-    scenes = [builtin._SCENES["coin"](builtin._rng(0, "coin", 1, i), 64) for i in range(2)]
+    scenes = [SCENES["coin"](builtin.category_rng(0, "coin", 1, i), 64) for i in range(2)]
     assert all(s.is_object for s in scenes)
     coverage = scenes[0].support.mean()
     assert 0.3 < coverage < 0.55  # a disc of radius 0.74 of half the side: 43 % of the image

@@ -7,8 +7,9 @@
   small split into tensors.
 * :func:`download_mvtec` fetches the official 5 GB archive (resumable, verified) and
   extracts the categories asked for.
-* :func:`make_builtin_dataset` writes a small dataset in the same layout offline, in
-  seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel), two
+* :func:`make_builtin_dataset` (:mod:`~diffad.data.builtin`, the writer, drawing the scenes of
+  :mod:`~diffad.data.scenes` and the defects of :mod:`~diffad.data.defects`) writes a small
+  dataset in the same layout offline, in seconds: three textures from scikit-image's CC0 photographs (brick, grass, gravel), two
   drawn objects (nut, capsule) and two photographed ones (cup, retina), each with thirteen
   defect kinds, six of them low-contrast.
 * :func:`make_development_dataset` writes the development categories (a photographed coin, a
@@ -33,9 +34,7 @@ from .builtin import (
     BUILTIN_CATEGORIES,
     BUILTIN_OBJECTS,
     BUILTIN_TEXTURES,
-    DEFECT_KINDS,
     DEVELOPMENT_CATEGORIES,
-    LOW_CONTRAST_KINDS,
     MVTEC_DEFECT_KINDS,
     is_builtin,
     make_builtin_dataset,
@@ -43,6 +42,7 @@ from .builtin import (
     make_mvtec_shaped_dataset,
 )
 from .crosscheck import CROSSCHECK_KINDS, make_crosscheck_dataset
+from .defects import DEFECT_KINDS, LOW_CONTRAST_KINDS, PAINTABLE_KINDS, paint_defect
 from .folder import ImageFolder
 from .photos import make_photo_folder
 from .download import MVTEC_SHA256, MVTEC_SIZE, MVTEC_URL, download_mvtec
@@ -73,6 +73,7 @@ __all__ = [
     "ImageFolder",
     "MVTecAD",
     "OBJECT_CATEGORIES",
+    "PAINTABLE_KINDS",
     "Sample",
     "TEXTURE_CATEGORIES",
     "download_mvtec",
@@ -84,6 +85,7 @@ __all__ = [
     "make_crosscheck_dataset",
     "make_development_dataset",
     "make_mvtec_shaped_dataset",
+    "paint_defect",
     "make_photo_folder",
     "to_diffusion_range",
 ]

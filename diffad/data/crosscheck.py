@@ -49,21 +49,15 @@ import numpy as np
 from PIL import Image
 
 from .builtin import (
-    _GENERATOR_VERSION,
-    _MANIFEST_NAME,
-    _SCENES,
-    _finish,
-    _grid,
-    _is_complete,
-    _resolve_categories,
-    _rng,
-    _save_png,
-    _Scene,
-    _smooth_noise,
-    _texture_source,
-    _to_uint8,
+    GENERATOR_VERSION,
+    MANIFEST_NAME,
+    category_rng,
+    is_complete,
     make_builtin_dataset,
+    resolve_categories,
+    save_png,
 )
+from .scenes import SCENES, Scene, finish, grid, smooth_noise, texture_source, to_uint8
 
 __all__ = ["CROSSCHECK_KINDS", "make_crosscheck_dataset"]
 
@@ -85,7 +79,7 @@ def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
-def _centre_on(rng: np.random.Generator, scene: _Scene, margin: float) -> tuple[float, float]:
+def _centre_on(rng: np.random.Generator, scene: Scene, margin: float) -> tuple[float, float]:
     """A point where the scene is fully object (or anywhere on textures), ``margin`` px from the border."""
     size = scene.support.shape[0]
     inside = scene.support > 0.99
@@ -106,7 +100,7 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 
 def _gaussian_line(size: int, points: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Weight of a path with a Gaussian cross-section: 1 on the path, 0.5 at half the local width."""
-    ys, xs = _grid(size)
+    ys, xs = grid(size)
     weight = np.zeros((size, size), np.float32)
     for (ay, ax), (by, bx), width in zip(points[:-1], points[1:], widths):
         vy, vx = by - ay, bx - ax
@@ -149,13 +143,13 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 # Each painter returns (defective image HxWx3, mask HxW bool); px = image side / 256.
 
 
-def _contamination(scene: _Scene, rng, category: str, px: float):
+def _contamination(scene: Scene, rng, category: str, px: float):
     image, size = scene.image, scene.image.shape[0]
     radius = _log_uniform(rng, 0.12, 0.25) * size
     centre = _centre_on(rng, scene, margin=radius * 0.7)
-    ys, xs = _grid(size)
+    ys, xs = grid(size)
     window = np.clip(1 - np.hypot(ys - centre[0], xs - centre[1]) / radius, 0, 1)
-    field = _smooth_noise(rng, size, sigma=radius / 3) * 0.6 + 2.2 * window - 1.0
+    field = smooth_noise(rng, size, sigma=radius / 3) * 0.6 + 2.2 * window - 1.0
     inside = _smoothstep(window * 6)  # nothing beyond the disc, where the noise alone might cross
     weight = _smoothstep(field / max(0.15, 6 * px / radius) + 0.5) * inside * scene.support
     strength = rng.uniform(0.12, 0.30)
@@ -166,11 +160,11 @@ def _contamination(scene: _Scene, rng, category: str, px: float):
     return image + weight[..., None] * (altered - image), weight > 0.5
 
 
-def _pits(scene: _Scene, rng, category: str, px: float):
+def _pits(scene: Scene, rng, category: str, px: float):
     image, size = scene.image, scene.image.shape[0]
     spread = _log_uniform(rng, 0.05, 0.12) * size
     centre = _centre_on(rng, scene, margin=spread)
-    ys, xs = _grid(size)
+    ys, xs = grid(size)
     darkness, rim = np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
     for _ in range(rng.integers(6, 25)):
         py, px_ = centre[0] + rng.normal(0, spread / 2), centre[1] + rng.normal(0, spread / 2)
@@ -186,12 +180,12 @@ def _pits(scene: _Scene, rng, category: str, px: float):
     return altered, (darkness >= 0.175) | (rim > 0.075)  # half the weakest pit's darkening, half the rim
 
 
-def _part_colour(scene: _Scene, rng, category: str, px: float):
+def _part_colour(scene: Scene, rng, category: str, px: float):
     image, size = scene.image, scene.image.shape[0]
     if scene.is_object:
         weight = scene.support.copy()
         if category == "capsule":  # one half of the capsule: the side of a line through its centre
-            ys, xs = _grid(size)
+            ys, xs = grid(size)
             cy, cx = np.argwhere(scene.support > 0.5).mean(axis=0)
             side = (xs - cx) if rng.random() < 0.5 else (cx - xs)
             weight = weight * _smoothstep(side / 2 + 0.5)
@@ -199,7 +193,7 @@ def _part_colour(scene: _Scene, rng, category: str, px: float):
         strength = rng.uniform(0.25, 0.45)
         altered = shifted * (1 - strength + strength * 2 * _random_colour(rng))
     else:
-        ys, xs = _grid(size)
+        ys, xs = grid(size)
         angle = rng.uniform(0, 2 * np.pi)
         share = rng.uniform(0.20, 0.45)
         projection = (ys - size / 2) * np.sin(angle) + (xs - size / 2) * np.cos(angle)
@@ -210,7 +204,7 @@ def _part_colour(scene: _Scene, rng, category: str, px: float):
     return image + weight[..., None] * (altered - image), weight > 0.5
 
 
-def _misplaced(scene: _Scene, rng, category: str, px: float):
+def _misplaced(scene: Scene, rng, category: str, px: float):
     image, size = scene.image, scene.image.shape[0]
     if scene.is_object:
         from scipy.ndimage import shift as translate
@@ -232,7 +226,7 @@ def _misplaced(scene: _Scene, rng, category: str, px: float):
     centre = _centre_on(rng, scene, margin=radius)
     weight = _polygon_weight(size, centre, radius, rng, corners=int(rng.integers(5, 9)))
     zoom = rng.uniform(1.6, 2.4)
-    source = _texture_source(category)
+    source = texture_source(category)
     crop = 0.5 * source.width / zoom
     x0, y0 = rng.uniform(0, source.width - crop), rng.uniform(0, source.height - crop)
     grey = np.asarray(source.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + crop, y0 + crop)))
@@ -244,7 +238,7 @@ def _misplaced(scene: _Scene, rng, category: str, px: float):
     return image + weight[..., None] * (content - image), where
 
 
-def _cut(scene: _Scene, rng, category: str, px: float):
+def _cut(scene: Scene, rng, category: str, px: float):
     image, size = scene.image, scene.image.shape[0]
     length = _log_uniform(rng, 0.2, 0.55) * size
     centre = _centre_on(rng, scene, margin=0 if scene.is_object else length / 2)
@@ -272,7 +266,7 @@ def _midpoint_path(rng: np.random.Generator, start: np.ndarray, end: np.ndarray,
     return np.asarray(points)
 
 
-def _fracture(scene: _Scene, rng, category: str, px: float):
+def _fracture(scene: Scene, rng, category: str, px: float):
     image, size = scene.image, scene.image.shape[0]
     length = _log_uniform(rng, 0.15, 0.4) * size
     centre = np.asarray(_centre_on(rng, scene, margin=0 if scene.is_object else length / 2))
@@ -288,7 +282,7 @@ def _fracture(scene: _Scene, rng, category: str, px: float):
     return altered, (weight > 0.5) | (lip > 0.5)
 
 
-_PAINTERS = {
+PAINTERS = {
     "contamination": _contamination,
     "pits": _pits,
     "part_colour": _part_colour,
@@ -298,14 +292,14 @@ _PAINTERS = {
 }
 
 
-def paint(category: str, kind: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, _Scene]:
+def paint(category: str, kind: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, Scene]:
     """One ``kind`` defect on a normal scene of ``category``: (float HxWx3 image before sensor
     noise, bool HxW mask, the scene); redrawn if it left fewer than 4 mask pixels (tiny images)."""
-    if kind not in _PAINTERS:
+    if kind not in PAINTERS:
         raise ValueError(f"unknown cross-check defect kind {kind!r}; known: {', '.join(CROSSCHECK_KINDS)}")
-    scene = _SCENES[category](rng, size)
+    scene = SCENES[category](rng, size)
     for _ in range(20):
-        image, mask = _PAINTERS[kind](scene, rng, category, size / 256.0)
+        image, mask = PAINTERS[kind](scene, rng, category, size / 256.0)
         if mask.sum() >= 4:
             return np.clip(image, 0, 1).astype(np.float32), mask, scene
     raise RuntimeError(f"could not place a visible {kind!r} defect on a {size}px {category!r} image")
@@ -314,7 +308,7 @@ def paint(category: str, kind: str, rng: np.random.Generator, size: int) -> tupl
 def crosscheck_defect(category: str, kind: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A normal scene of ``category`` with one ``kind`` defect: (uint8 HxWx3 image, bool HxW mask)."""
     image, mask, scene = paint(category, kind, rng, size)
-    return _finish(image, scene, rng), mask
+    return finish(image, scene, rng), mask
 
 
 def make_crosscheck_dataset(
@@ -335,20 +329,20 @@ def make_crosscheck_dataset(
     """
     if seed == train_seed:
         raise ValueError(f"seed ({seed}) must differ from train_seed: the test images would repeat training's")
-    categories = _resolve_categories(categories)
+    categories = resolve_categories(categories)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for category in categories:
         parameters = {
-            "generator": "diffad.data.crosscheck", "version": _VERSION, "scenes": _GENERATOR_VERSION,
+            "generator": "diffad.data.crosscheck", "version": _VERSION, "scenes": GENERATOR_VERSION,
             "category": category, "seed": seed, "train_seed": train_seed, "image_size": image_size,
             "n_train": n_train, "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
             "defect_kinds": list(CROSSCHECK_KINDS),
         }
         folder = root / category
-        if _is_complete(folder, parameters):
+        if is_complete(folder, parameters):
             continue
-        if folder.exists() and not (folder / _MANIFEST_NAME).is_file():
+        if folder.exists() and not (folder / MANIFEST_NAME).is_file():
             raise FileExistsError(f"{folder} exists but was not made by make_crosscheck_dataset; "
                                   "move it away or choose another root")
         staging = root / f".{category}.building"
@@ -362,20 +356,20 @@ def make_crosscheck_dataset(
         def save(array: np.ndarray, relative: str) -> None:
             path = staging / "out" / relative
             path.parent.mkdir(parents=True, exist_ok=True)
-            _save_png(array, path)
+            save_png(array, path)
             files.append(relative)
 
         for index in range(n_test_good):
-            rng = _rng(seed, category, _TEST_GOOD_CODE, index)
-            scene = _SCENES[category](rng, image_size)
-            save(_finish(scene.image, scene, rng), f"test/good/{index:03d}.png")
+            rng = category_rng(seed, category, _TEST_GOOD_CODE, index)
+            scene = SCENES[category](rng, image_size)
+            save(finish(scene.image, scene, rng), f"test/good/{index:03d}.png")
         for kind_index, kind in enumerate(CROSSCHECK_KINDS):
             for index in range(n_test_per_defect):
-                rng = _rng(seed, category, _DEFECT_CODE + kind_index, index)
+                rng = category_rng(seed, category, _DEFECT_CODE + kind_index, index)
                 image, mask = crosscheck_defect(category, kind, rng, image_size)
                 save(image, f"test/{kind}/{index:03d}.png")
-                save(_to_uint8(mask.astype(np.float32)), f"ground_truth/{kind}/{index:03d}_mask.png")
-        (staging / "out" / _MANIFEST_NAME).write_text(json.dumps({"parameters": parameters, "files": files}, indent=1))
+                save(to_uint8(mask.astype(np.float32)), f"ground_truth/{kind}/{index:03d}_mask.png")
+        (staging / "out" / MANIFEST_NAME).write_text(json.dumps({"parameters": parameters, "files": files}, indent=1))
         if folder.exists():
             shutil.rmtree(folder)
         (staging / "out").rename(folder)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .builtin import paint_defect
+from .defects import paint_defect
 
 __all__ = ["PHOTO_DEFECTS", "make_photo_folder"]
 
