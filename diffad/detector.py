@@ -591,11 +591,11 @@ def train(images, out, method: str = "diffusion", preset: str | Preset = "cpu", 
         raise ValueError(f"method must be one of {detector_methods()}, got {method!r}")
     if threshold_from not in ("normal", "labels"):
         raise ValueError(f"threshold_from must be 'normal' or 'labels', got {threshold_from!r}")
-    get_preset(preset, **overrides)  # a bad field fails here, before the folder is read
+    # resolved once, here: a bad field fails before the folder is read
+    preset = get_preset(preset, **{"val_fraction": holdout, **overrides})
     folder = images if isinstance(images, ImageFolder) else ImageFolder(images, test, masks, name)
     if threshold_from == "labels" and not folder.labelled:
         raise ValueError("threshold_from='labels' needs a labelled test folder (good/ and defect subfolders)")
-    preset = get_preset(preset, **{"val_fraction": holdout, **overrides})
     threshold_at_fpr([0.0], fpr)  # checks the rate before any training
     out, device = Path(out), pick_device(device)
     _check_out(out)

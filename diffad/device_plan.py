@@ -323,8 +323,6 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
     device_type = "cpu" if accelerator is None else "cuda"
     precision = choose_precision(preset.precision, device_type,
                                  accelerator.compute_capability if accelerator else None)
-    if preset.ema_device not in ("auto", "device", "cpu"):
-        raise ValueError(f"ema_device must be 'auto', 'device' or 'cpu', got {preset.ema_device!r}")
     checkpointing = [False, True] if preset.gradient_checkpointing is None else [bool(preset.gradient_checkpointing)]
     ema_places = ["device", "cpu"] if preset.ema_device == "auto" else [preset.ema_device]
     candidates = [(c, e) for e in ema_places for c in checkpointing]

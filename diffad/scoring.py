@@ -233,13 +233,18 @@ def normalized(raw: RawMaps, kind: str, normalization: str = "per_image",
     return maps.mean(dim=1)
 
 
+def ensemble(kl: torch.Tensor, feature: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The paper's ensemble of two normalised maps, A = alpha * KL + (1 - alpha) * feature."""
+    return alpha * kl + (1.0 - alpha) * feature
+
+
 def anomaly_maps(raw: RawMaps, alpha: float = 0.5, normalization: str = "per_image",
                  normalizer: Normalizer | None = None, smoothing_sigma: float = 0.0) -> dict[str, torch.Tensor]:
     """Final maps (N, H, W): ``kl``, ``rgb``, ``feature`` and ``ensemble`` = alpha*kl + (1-alpha)*feature."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
     maps = {kind: normalized(raw, kind, normalization, normalizer, smoothing_sigma) for kind in MAP_TYPES}
-    maps["ensemble"] = alpha * maps["kl"] + (1.0 - alpha) * maps["feature"]
+    maps["ensemble"] = ensemble(maps["kl"], maps["feature"], alpha)
     return maps
 
 

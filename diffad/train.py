@@ -153,25 +153,26 @@ def fit(
     of processes. A rank that dies or hangs stops the others with
     :class:`diffad.distributed.PeerLost` (see ``DIFFAD_DDP_TIMEOUT``) rather than a hang.
     """
+    preset = get_preset(preset, **overrides)  # resolved once, here; the rest takes a Preset
     if ddp is None:
         ddp = distributed.launched()
     if not ddp:
-        return _fit(data_root, categories, out_dir, preset, device, progress, stop_after, False, overrides)
-    batch_size = get_preset(preset, **overrides).for_categories(categories).batch_size
+        return _fit(data_root, categories, out_dir, preset, device, progress, stop_after, False)
+    batch_size = preset.for_categories(categories).batch_size
     if batch_size % distributed.world_size():  # before the group: every rank says so and stops
         raise ValueError(
             f"batch_size {batch_size} does not split over {distributed.world_size()} processes: start torchrun "
             f"with a --nproc_per_node that divides it, or --set batch_size= a multiple of it")
     with distributed.process_group(device) as device, distributed.peer_errors("training"):
         return _fit(data_root, categories, out_dir, preset, device, progress, stop_after,
-                    distributed.is_distributed(), overrides)
+                    distributed.is_distributed())
 
 
-def _fit(data_root, categories, out_dir, preset, device, progress, stop_after, ddp: bool, overrides) -> TrainedModel:
+def _fit(data_root, categories, out_dir, preset: Preset, device, progress, stop_after, ddp: bool) -> TrainedModel:
     categories = [categories] if isinstance(categories, str) else list(categories)
     if not categories:
         raise ValueError("no category to train on")
-    preset = get_preset(preset, **overrides).for_categories(categories)
+    preset = preset.for_categories(categories)
     if len(categories) > 1 and not preset.class_cond:
         preset = preset.replace(class_cond=True)  # one model for several categories needs the label
     out_dir, device = Path(out_dir), pick_device(device)

@@ -69,7 +69,7 @@ def unified_overrides(preset: str | Preset) -> dict:
     name = preset.name if isinstance(preset, Preset) else preset
     if name in UNIFIED_TRAINING:
         return dict(UNIFIED_TRAINING[name])
-    preset = get_preset(preset) if isinstance(preset, str) else preset  # a KeyError names the presets
+    preset = get_preset(preset)  # a name or a Preset; an unknown name is an error naming the presets
     steps = 2 * preset.train_steps  # [paper] twice the per-category steps, as for paper and cpu
     return {"class_cond": True, "train_steps": steps, "lr_anneal_steps": steps}
 
@@ -78,7 +78,7 @@ def matched_unified_overrides(preset: str | Preset, categories: list[str]) -> di
     """Overrides for a unified model of ``categories`` trained with as many steps as their
     single-category models together (each category's own steps, ``for_categories``): the
     compute-matched counterpart of :func:`unified_overrides`."""
-    preset = get_preset(preset) if isinstance(preset, str) else preset
+    preset = get_preset(preset)
     steps = sum(preset.for_categories(c).train_steps for c in categories)
     return {"class_cond": True, "train_steps": steps, "lr_anneal_steps": steps}
 

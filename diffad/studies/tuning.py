@@ -21,6 +21,7 @@ from diffad.evaluate import RESULT_COLUMNS, CategoryData
 from diffad.metrics import image_auroc, pixel_auroc, pro
 from diffad.presets import Preset
 from diffad.scoring import Normalizer, RawMaps, image_scores, normalized
+from diffad.scoring import ensemble as ensemble_of
 
 # The settings searched, each with the values tried (the preset's own value must be among them).
 SCORING_GRID: dict[str, tuple] = {
@@ -58,14 +59,14 @@ def _metric_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, grid: 
             branch = maps[normalization]
             alone = {m: (pixel_auroc(masks, branch[m]), pro(masks, branch[m])) for m in methods if m != "ensemble"}
             for alpha in grid["alpha"]:
-                ensemble = alpha * branch["kl"] + (1 - alpha) * branch["feature"]
+                ensemble = ensemble_of(branch["kl"], branch["feature"], alpha)
                 pixel = {**alone, "ensemble": (pixel_auroc(masks, ensemble), pro(masks, ensemble))}
                 for image_normalization, top_k in image_points:
                     image = dict(alone_image[image_normalization, top_k])
                     if "ensemble" in methods:
                         both = maps[image_normalization]
                         image["ensemble"] = image_auroc(
-                            labels, image_scores(alpha * both["kl"] + (1 - alpha) * both["feature"], top_k))
+                            labels, image_scores(ensemble_of(both["kl"], both["feature"], alpha), top_k))
                     for method in methods:
                         rows.append({"alpha": alpha, "normalization": normalization,
                                      "image_normalization": image_normalization, "smoothing_sigma": sigma,
