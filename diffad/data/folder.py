@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from .mvtec import GOOD, IMAGE_EXTENSIONS, MVTecAD, Sample, _image_array, _normalise_size, _read_pil, downsample_mask
+from .mvtec import GOOD, IMAGE_EXTENSIONS, MVTecAD, Sample, _image_array, _normalise_size, _read_pil, downsample_mask, sample_item
 
 __all__ = ["MIN_IMAGES", "ImageFolder", "FolderDataset", "read_image", "list_images"]
 
@@ -135,13 +134,7 @@ class FolderDataset(Dataset):
                                  f"image {sample.path} is {width_height[0]}x{width_height[1]} (width x height)")
             values = np.asarray(mask_picture)
             mask = downsample_mask((values != 0).any(axis=2) if values.ndim == 3 else values != 0, (height, width))
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(mask[None]),
-            "label": int(sample.label),
-            "defect_type": sample.defect_type,
-            "path": str(sample.path),
-        }
+        return sample_item(image, mask, sample)
 
     def stack(self, progress: bool = False):
         """All items as tensors: images (N, 3, H, W), masks (N, 1, H, W), labels (N,)."""

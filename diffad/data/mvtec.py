@@ -175,6 +175,18 @@ def _image_array(image: Image.Image, size: tuple[int, int] | None, resize: str =
     return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def sample_item(image: np.ndarray, mask: np.ndarray, sample: Sample) -> dict:
+    """One item as every reader returns it: ``image`` 3xHxW in [0, 1], ``mask`` 1xHxW, ``label``,
+    ``defect_type``, ``path`` (an HxWx3 image and an HxW mask as arrays)."""
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        "mask": torch.from_numpy(mask[None]),
+        "label": int(sample.label),
+        "defect_type": sample.defect_type,
+        "path": str(sample.path),
+    }
+
+
 class MVTecAD(Dataset):
     """One category of an MVTec-layout dataset, one split; see the module docstring.
 
@@ -329,13 +341,7 @@ class MVTecAD(Dataset):
             mask = np.zeros((height, width), dtype=np.float32)
         else:
             mask = self._mask(sample, picture, (height, width))
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(mask[None]),
-            "label": int(sample.label),
-            "defect_type": sample.defect_type,
-            "path": str(sample.path),
-        }
+        return sample_item(image, mask, sample)
 
     def stack(self, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All items as tensors: images (N, 3, H, W), masks (N, 1, H, W), labels (N,) int64."""
