@@ -97,7 +97,6 @@ ALLOWED: dict[str, dict[str, str]] = {
     "07_ensemble": {
         "0.09": "sigma_F / (1 + sigma_F) at 0.1, answer 1's derivation",
         "7.9": "sqrt((1 - q) / q) at q = 1/64, answer 2's derivation",
-        "1.7": "sqrt((1 - q) / q) at q = 1/4, answer 2's derivation",
         "2.66": "the standard normal's upper 1/256 quantile, answer 2's derivation",
         "3.0": "the mean of a normal map's top pixels, answer 2's derivation",
         "9.8": "the crossing point of answer 2's derivation",
@@ -133,7 +132,6 @@ ALLOWED: dict[str, dict[str, str]] = {
         "0.23": "answer 2's derivation",
     },
     "11_ablations": {
-        "0.7": f"Fig. 5's PRO gain, {PAPER}",
         "1.1": f"Table 2's PRO loss of the unified model, {PAPER}",
         "1.29": "beta_t / beta~_t of the linear schedule at t = 5, a constant (chapter 5 prints it)",
         "1.16": "beta_t / beta~_t of the linear schedule at t = 10, a constant (chapter 5 prints it)",

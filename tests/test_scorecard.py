@@ -59,3 +59,59 @@ def test_claims_refuse_unknown_verdicts_and_render():
     assert scorecard.denoise_claim(97.9, 59.5, 0.088, 0.008).measured == scorecard.denoise_claim(
         97.9, 59.9, 0.088, 0.008).measured
     assert scorecard.denoise_claim(10.0, 12.0, 0.01, 0.05).verdict == "not replicated"
+
+
+def _gain(value, low, high, better="KL"):
+    return {"difference": value, "lo": low, "hi": high, "better": better}
+
+
+def test_alpha_gain_claim_judges_paired_gains_by_the_paired_rule():
+    summary = {"gain": {"pixel_auroc": _gain(0.02, 0.01, 0.03), "pro": _gain(0.03, 0.01, 0.05, "feature"),
+                        "image_auroc": _gain(0.0, -0.01, 0.01)},
+               "best": {"pixel_auroc": 0.4, "pro": 0.5, "image_auroc": 0.1}}
+    claim = scorecard.alpha_gain_claim(summary)
+    assert claim.verdict == "replicated"  # ahead on two metrics, a tie on the third, behind nowhere
+    assert "PRO: 0.5 minus the feature map +3.0 [+1.0, +5.0], best alpha 0.5" in claim.measured
+    summary["gain"]["image_auroc"] = _gain(-0.05, -0.08, -0.02)
+    assert scorecard.alpha_gain_claim(summary).verdict == "partly"
+    summary["gain"]["pixel_auroc"] = _gain(-0.05, -0.08, -0.02)
+    assert scorecard.alpha_gain_claim(summary).verdict == "not replicated"
+
+
+def test_one_rule_for_both_kinds_of_part():
+    assert scorecard.paired_verdict(1, 0) == "replicated"
+    assert scorecard.paired_verdict(0, 0) == "partly"
+    assert scorecard.paired_verdict(2, 2) == "partly"
+    assert scorecard.paired_verdict(2, 3) == "not replicated"
+    rule = scorecard.rule_markdown()
+    for phrase in ("paper's scoring", "paired 95% bootstrap interval", "**replicated**", "**partly**",
+                   "**not replicated**", "**not tested**"):
+        assert phrase in rule
+
+
+def test_judged_shows_both_scorings_or_one_for_a_claim_that_scores_no_map():
+    paper = scorecard.Claim("KL vs RGB", "KL better", "ahead 3", "replicated", "ch 11")
+    preset = scorecard.Claim("KL vs RGB", "KL better", "behind 3", "not replicated", "ch 11")
+    noise = scorecard.Claim("Fig. 2", "noise hides", "contrast falls", "replicated", "ch 4")
+    table = scorecard.judged_markdown([scorecard.Judged(paper, preset), scorecard.Judged(noise)], "cpu")
+    assert "measured, the cpu preset's scoring" in table
+    assert "| ahead 3 | **replicated** | behind 3 | **not replicated** |" in table
+    assert "the same: no map is scored | **replicated** |" in table
+    assert scorecard.Judged(paper, preset).verdicts == ("replicated", "not replicated")
+    with pytest.raises(ValueError, match="same claim"):
+        scorecard.Judged(paper, noise)
+
+
+def test_chapters_11_and_14_print_the_same_rule():
+    """The rule is printed by both chapters from the library: their stored outputs hold it word for word."""
+    import json
+    from pathlib import Path
+
+    book = Path(__file__).resolve().parents[1] / "book"
+    for name in ("11_ablations.ipynb", "14_scorecard.ipynb"):
+        outputs = [
+            "".join(o.get("data", {}).get("text/markdown", ""))
+            for c in json.loads((book / name).read_text())["cells"] if c["cell_type"] == "code"
+            for o in c.get("outputs", [])
+        ]
+        assert scorecard.RULE in outputs, name

@@ -1,14 +1,11 @@
 """What replicated: each claim of the paper, the measurement that tests it here, and a verdict.
 
 Each ``*_claim`` function turns measurements (computed by the chapters' own library calls) into a
-:class:`Claim`; the verdict follows from the numbers by a stated rule, never by hand:
+:class:`Claim`; the verdict follows from the numbers by the rule of :data:`RULE`, never by hand.
+Every claim whose measurement scores maps is judged twice, under the paper's scoring and under the
+preset's (:class:`Judged`); chapters 11 and 14 print :data:`RULE` itself, so they state it alike.
 
-* ``replicated`` -- the measurement agrees with the claim;
-* ``partly`` -- it agrees on some metrics or categories and not on others, or only within noise;
-* ``not replicated`` -- it disagrees;
-* ``not tested`` -- the setting here cannot test it (said why).
-
-The book's last chapter computes the measurements and prints :func:`scorecard_markdown`.
+The book's last chapter computes the measurements and prints :func:`judged_markdown`.
 """
 
 from __future__ import annotations
@@ -21,6 +18,19 @@ from diffad.tables import markdown_table
 
 VERDICTS = ("replicated", "partly", "not replicated", "not tested")
 METRICS = {"pixel_auroc": "pixel AUROC", "pro": "PRO", "image_auroc": "image AUROC"}
+
+# The one statement of how a verdict follows from the numbers (chapters 11 and 14 print it).
+RULE = """**How a verdict follows from the numbers.** Every claim whose measurement scores anomaly maps \
+is judged twice on the same models: under the paper's scoring (per-image z-scores of the KL maps, \
+no blur, the paper's top-k and alpha 0.5; `presets.with_paper_scoring`) and under the preset's. A \
+claim is split into parts. Where a part compares two maps of the same test images, it is judged by \
+the paired 95% bootstrap interval of their difference: *ahead* when the interval lies above 0, \
+*behind* when it lies below 0, a *tie* when it holds 0; the claim is then **replicated** when it \
+is ahead somewhere and behind nowhere, **not replicated** when it is behind more often than ahead, \
+and **partly** otherwise (ties only, or as often behind as ahead). Where a part has no images to \
+pair (an average against a quoted one, a change in PRO, a loss that falls), it holds or fails by \
+the sign of the measurement: **replicated** when every part holds, **not replicated** when none \
+does, **partly** otherwise. A claim the setting here cannot test is **not tested**."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,17 @@ class Claim:
 
 def _share(agreeing: int, total: int) -> str:
     return "replicated" if agreeing == total else "not replicated" if agreeing == 0 else "partly"
+
+
+def paired_verdict(ahead: int, behind: int) -> str:
+    """The rule for parts judged by paired intervals: ahead somewhere and behind nowhere, replicated;
+    behind more often than ahead, not replicated; otherwise (ties only, or as often behind), partly."""
+    return "replicated" if ahead and not behind else "not replicated" if behind > ahead else "partly"
+
+
+def rule_markdown() -> str:
+    """:data:`RULE`, for a chapter to display."""
+    return RULE
 
 
 def noise_hides_claim(sweeps: dict) -> Claim:
@@ -71,7 +92,7 @@ def paired_claim(name: str, paper: str, comparisons: dict[str, dict], where: str
             ties += r["tie"]
             ahead += (not r["tie"]) and r["difference"] > 0
             behind += (not r["tie"]) and r["difference"] < 0
-    verdict = ("replicated" if ahead and not behind else "not replicated" if behind > ahead else "partly")
+    verdict = paired_verdict(ahead, behind)
     mean = {m: 100 * np.mean([c[m]["difference"] for c in comparisons.values()]) for m in metrics}
     measured = (f"{len(comparisons)} categories x {len(metrics)} metrics: ahead {ahead}, behind {behind}, tie {ties} "
                 "(paired 95% intervals); mean difference " +
@@ -90,9 +111,25 @@ def alpha_claim(by_alpha: dict[float, dict[str, float]]) -> Claim:
                  measured, _share(sum(g > 0 for g in gains.values()), len(gains)), "chapters 7 and 11")
 
 
-def pattern_claim(checks: list[dict]) -> Claim:
-    """Table 1's pattern against PaDiM from :func:`diffad.evaluate.paper_pattern`."""
-    measured = "; ".join(f"{METRICS[c['metric']]}: {'same' if c['agrees'] else 'reversed'} "
+def alpha_gain_claim(summary: dict) -> Claim:
+    """Fig. 5 from one scoring of :func:`diffad.studies.scoring_study.scoring_study`: per metric, alpha
+    0.5 minus the better branch with its paired interval over the category averages (ahead, tie or
+    behind), judged by :func:`paired_verdict`; the best alpha of the grid beside it."""
+    parts, ahead, behind = [], 0, 0
+    for m, label in METRICS.items():
+        g = summary["gain"][m]
+        ahead += g["lo"] > 0
+        behind += g["hi"] < 0
+        parts.append(f"{label}: 0.5 minus the {g['better']} map {100 * g['difference']:+.1f} "
+                     f"[{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}], best alpha {summary['best'][m]:.1f}")
+    return Claim("Fig. 5: the ensemble beats either branch", "alpha = 0.5 best; PRO +0.7 over the feature map alone",
+                 "; ".join(parts), paired_verdict(ahead, behind), "chapter 7's scoring study")
+
+
+def pattern_claim(checks: list[dict], method: str = "the method") -> Claim:
+    """Table 1's pattern against PaDiM from :func:`diffad.evaluate.paper_pattern`; ``method`` names
+    what the method's column holds (the ensemble at the scoring's alpha)."""
+    measured = f"{method}: " + "; ".join(f"{METRICS[c['metric']]}: {'same' if c['agrees'] else 'reversed'} "
                          f"(ours {' vs '.join(f'{v:.1f}' for v in c['ours'].values())})" for c in checks)
     return Claim("Table 1: PaDiM ahead on pixel AUROC, the method ahead on PRO",
                  "PaDiM 97.8 / 92.8, the method 96.7 / 93.7 (pixel AUROC / PRO)", measured,
@@ -144,3 +181,35 @@ def scorecard_markdown(claims: list[Claim]) -> str:
     """The scorecard as a markdown table: claim, the paper, measured here, verdict, where."""
     return markdown_table(["claim", "the paper", "measured here", "verdict", "where"],
                           [[c.name, c.paper, c.measured, f"**{c.verdict}**", c.where] for c in claims])
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One claim judged under the paper's scoring and under the preset's. A claim whose measurement
+    scores no map (noise, gradient denoising, an untested one) is the same under both (``preset``
+    None)."""
+
+    paper_scoring: Claim
+    preset_scoring: Claim | None = None
+
+    def __post_init__(self):
+        if self.preset_scoring is not None and self.preset_scoring.name != self.paper_scoring.name:
+            raise ValueError("both verdicts must judge the same claim")
+
+    @property
+    def verdicts(self) -> tuple[str, str]:
+        return self.paper_scoring.verdict, (self.preset_scoring or self.paper_scoring).verdict
+
+
+def judged_markdown(items: list[Judged], preset_name: str = "preset") -> str:
+    """The scorecard with both scorings: claim, the paper, and under each scoring what was measured
+    and the verdict; a claim that scores no map shows its one measurement and verdict under both."""
+    body = []
+    for item in items:
+        first, second = item.paper_scoring, item.preset_scoring
+        same = second is None
+        body.append([first.name, first.paper, first.measured, f"**{first.verdict}**",
+                     "the same: no map is scored" if same else second.measured,
+                     f"**{(second or first).verdict}**", first.where])
+    return markdown_table(["claim", "the paper", "measured, the paper's scoring", "verdict",
+                           f"measured, the {preset_name} preset's scoring", "verdict", "where"], body)
