@@ -461,19 +461,19 @@ def use_shipped_model(run: str | Path, name: str, preset: str | Preset = "cpu", 
     trained with exactly these training settings, so that :func:`train` loads it instead of training
     (the book's chapter 15 reads the rocket's this way); True when it did. Made by ``python -m diffad train
     --images <photos>/normal --out RUN`` and ``TrainedModel.load(RUN/model/model.pt).save(path, half=True)``."""
-    from diffad.presets import training_differences
-    from diffad.models import MODEL_NAME, TrainedModel
-
+    from diffad.models import MODEL_NAME
+    from diffad.presets import training_fingerprint
     from diffad.shipped import manifest, shipped_file
 
     target = Path(run) / MODEL_FOLDER / MODEL_NAME
-    if target.is_file() or f"own-{name}.pt" not in manifest():
+    entry = manifest().get(f"own-{name}.pt")
+    if target.is_file() or entry is None:
         return target.is_file()
-    shipped = shipped_file(f"own-{name}.pt")  # in the package, or fetched from the repository
     wanted = get_preset(preset, **{"val_fraction": holdout, **overrides}).for_categories([name])
-    saved = TrainedModel.load(shipped)
-    if saved.categories != [name] or training_differences(saved.preset, wanted):
+    # matched by what the manifest records it was trained with: nothing is read (or fetched) that would not fit
+    if entry["categories"] != [name] or entry["training_fingerprint"] != training_fingerprint(wanted):
         return False
+    shipped = shipped_file(f"own-{name}.pt")  # in the package, or fetched from the repository
     target.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(target, shipped.read_bytes())
     return True
