@@ -50,9 +50,8 @@ from diffad.device import pick_device
 from diffad.io import atomic_save, load_torch_file
 from diffad.presets import Preset, get_preset
 
-__all__ = ["METHODS", "DEFAULT_FPR", "DEFAULT_HOLDOUT", "Threshold", "Predictions", "Detector", "train",
+__all__ = ["detector_methods", "DEFAULT_FPR", "DEFAULT_HOLDOUT", "Threshold", "Predictions", "Detector", "train",
            "threshold_at_fpr", "threshold_from_labels", "load_pictures", "RunError", "use_shipped_model"]
-
 
 
 def detector_methods() -> tuple[str, ...]:
@@ -62,7 +61,6 @@ def detector_methods() -> tuple[str, ...]:
     return ("diffusion",) + methods.names()
 
 
-METHODS = ("diffusion", "padim", "patchcore")  # the built-in ones; detector_methods() adds any registered
 DEFAULT_FPR = 0.01
 DEFAULT_HOLDOUT = 0.25
 RUN_FORMAT = "diffad-detector"
@@ -268,7 +266,7 @@ def _unique_stems(names: Sequence[str]) -> list[str]:
 class Detector:
     """A trained method, its threshold and the scale of its heat maps: ``predict`` and ``write``.
 
-    Made by :func:`train`, read back by :meth:`load`. ``method`` is one of :data:`METHODS`;
+    Made by :func:`train`, read back by :meth:`load`. ``method`` is one of :func:`detector_methods`;
     ``model`` a :class:`~diffad.models.TrainedModel` (diffusion) or a fitted PaDiM / PatchCore.
     """
 

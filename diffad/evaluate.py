@@ -41,7 +41,7 @@ from diffad.train import fit
 
 # The built-in methods, as rows of results.csv: the diffusion model's maps, then the registered
 # baselines (diffad.methods; method_names() adds any registered later).
-BASELINE_METHODS = ("spade", "padim", "patchcore")
+BASELINE_METHODS = method_registry.names()  # those diffad.methods registers itself
 METHODS = DIFFUSION_MAPS + BASELINE_METHODS
 RESULT_COLUMNS = ("category", "method", "pixel_auroc", "pro", "image_auroc")
 # Resamples of the test images behind each 95% interval of results.csv (metrics.ImageBootstrap).
