@@ -89,7 +89,7 @@ def _unet_in(unet: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``unet`` itself if its weights are ``dtype``, else a copy cast to ``dtype`` (the model is untouched)."""
     if next(unet.parameters()).dtype == dtype:
         return unet
-    return copy.deepcopy(unet).to(dtype)
+    return copy.deepcopy(unet).to(dtype, memory_format=torch.contiguous_format)
 
 
 def mahalanobis_loss(padim: PaDiM, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,11 @@
 The numbers in the paper's tables depend on how these are computed, so they follow the
 official MVTec-AD evaluation code exactly:
 
-* **pixel AUROC** -- ROC AUC over every test pixel (scikit-learn).
+* **pixel AUROC** -- ROC AUC over every test pixel, computed as the Mann-Whitney statistic (the
+  share of (defect, normal) pixel pairs ranked right, ties counted half): the same number as
+  scikit-learn's ``roc_auc_score`` (tests/test_metrics.py checks it to 1e-12, ties included), a
+  sort of the normal pixels and a binary search of the defect pixels, about 15 times faster on a
+  test split's quarter-million pixels.
 * **image AUROC** -- ROC AUC over one score per image (scikit-learn).
 * **PRO** (per-region overlap) -- every connected defect region (8-connectivity, any nonzero
   mask pixel is defect) counts equally. For a threshold, a region contributes the fraction of
@@ -19,6 +23,9 @@ This module imports nothing else from diffad.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from scipy import ndimage
@@ -88,12 +95,26 @@ def _check_both_classes(positives: int, negatives: int, what: str) -> None:
         raise ValueError(f"{what} is undefined: there is no normal {what.split()[0]} (all labels are defective)")
 
 
+def ranked_pairs_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """ROC AUC as the share of (positive, negative) pairs ranked right, ties counting half.
+
+    The Mann-Whitney form of the area under the ROC curve with ties (scikit-learn's trapezoids
+    give the same number): the negatives are sorted once and each positive is placed among them
+    by binary search. The pair count is an exact integer, so the only rounding is the division.
+    """
+    negatives = np.sort(negatives)
+    below = np.searchsorted(negatives, positives, "left")
+    not_above = np.searchsorted(negatives, positives, "right")
+    twice_ranked = int(below.sum(dtype=np.int64)) + int(not_above.sum(dtype=np.int64))
+    return twice_ranked / (2.0 * len(positives) * len(negatives))
+
+
 def pixel_auroc(masks, maps) -> float:
     """ROC AUC over all pixels; ``masks`` nonzero marks defect pixels."""
     masks, maps = _prepare_maps(masks, maps)
     n_pos = int(masks.sum())
     _check_both_classes(n_pos, masks.size - n_pos, "pixel AUROC")
-    return float(roc_auc_score(masks.ravel(), maps.ravel()))
+    return float(ranked_pairs_auroc(maps[masks], maps[~masks]))
 
 
 def image_auroc(labels, scores) -> float:
@@ -308,6 +329,8 @@ def pro_authors(masks, maps, fpr_limit: float = 0.3, max_thresholds: int = 1000)
     return float(area / fpr_limit)
 
 
+# threads for a bootstrap's PRO (the cores this process may use, at most 4): 1.6 times faster on 2 cores
+PRO_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 INTERVAL_COLUMNS = ("pixel_auroc_lo", "pixel_auroc_hi", "pro_lo", "pro_hi", "image_auroc_lo", "image_auroc_hi")
 
 
@@ -403,9 +426,21 @@ class ImageBootstrap:
         with np.errstate(invalid="ignore", divide="ignore"):
             pixel = np.einsum("bi,ij,bj->b", w, self.pixel_pairs, w) / ((w @ self.pixel_positive) * (w @ self.pixel_negative))
             image = np.einsum("bi,ij,bj->b", w, self.image_pairs, w) / ((w @ self.image_positive) * (w @ self.image_negative))
-        pro_values = np.array([self._pro(row) for row in w])
+        pro_values = self._pro_rows(w)
         return np.stack([np.where(np.isfinite(pro_values), pixel, np.nan), pro_values,
                          np.where(np.isfinite(image), image, np.nan)], axis=1)
+
+    def _pro_rows(self, w: np.ndarray) -> np.ndarray:
+        """:meth:`_pro` of each row, the rows shared among ``PRO_THREADS`` threads (the running sums
+        and sparse products release the GIL; each row's arithmetic is the same as alone)."""
+        def serial(rows: np.ndarray) -> np.ndarray:
+            return np.array([self._pro(row) for row in rows], dtype=np.float64).reshape(len(rows))
+
+        threads = min(PRO_THREADS, len(w) // 32)
+        if threads < 2:
+            return serial(w)
+        with ThreadPoolExecutor(threads) as pool:
+            return np.concatenate(list(pool.map(serial, np.array_split(w, threads))))
 
     def _pro(self, w: np.ndarray) -> float:
         n_regions, n_normal = w @ self.regions_per_image, w @ self.pixel_negative

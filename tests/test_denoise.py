@@ -284,6 +284,7 @@ def _denoise_in_subprocess(dtype: str, env_changes: dict) -> list[float]:
     return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two fresh interpreters that denoise: the full run's tier
 def test_float64_denoising_gives_the_same_digits_across_threads_and_kernels():
     """20 steps: float32's last bits grow to the second digit here (99.3 to 103.3 across these
     configurations, measured); float64's stay far below (a run of 100 steps and more outgrows

@@ -93,6 +93,7 @@ def _reference(root, out: Path, categories, preset, checkpoint_at: int | None = 
     return torch.load(out / MODEL_NAME, weights_only=False), checkpoint
 
 
+@pytest.mark.slow  # starts processes that train and score: the full run's tier
 def test_two_ranks_train_what_one_process_trains(tiny_builtin, tiny_preset, tmp_path):
     reference, _ = _reference(tiny_builtin, tmp_path / "one", "brick", tiny_preset)
     result = _torchrun(*_train_args(tiny_builtin, tmp_path / "two", "brick"))
@@ -107,6 +108,7 @@ def test_two_ranks_train_what_one_process_trains(tiny_builtin, tiny_preset, tmp_
     assert loss < TOLERANCE and ema < TOLERANCE
 
 
+@pytest.mark.slow  # starts processes that train and score: the full run's tier
 def test_a_unified_run_resumes_with_another_number_of_processes(tiny_builtin, tiny_preset, tmp_path):
     categories = ["brick", "nut"]
     reference, at_step_4 = _reference(tiny_builtin, tmp_path / "one", categories, tiny_preset, checkpoint_at=4)
@@ -151,6 +153,7 @@ def test_timeouts_come_from_the_environment(monkeypatch):
         assert device == torch.device("cpu") and not torch.distributed.is_initialized()
 
 
+@pytest.mark.slow  # starts processes that train and score: the full run's tier
 @pytest.mark.parametrize("how", ["killed", "hung"])
 def test_a_rank_that_dies_or_hangs_stops_the_other(tiny_builtin, tmp_path, how):
     """Two ranks started by hand (torchrun's agent would stop the survivor itself): rank 1 is
@@ -187,6 +190,7 @@ def test_a_rank_that_dies_or_hangs_stops_the_other(tiny_builtin, tmp_path, how):
     assert elapsed < timeout + 20, elapsed  # at most one timeout, and the group's teardown
 
 
+@pytest.mark.slow  # starts processes that train and score: the full run's tier
 def test_reproduce_spreads_the_categories_over_the_ranks(tiny_builtin, tmp_path):
     out = tmp_path / "two"
     args = ["reproduce", "--data-root", tiny_builtin, "--out", out, "--preset", "cpu", "--no-baselines",

@@ -141,6 +141,22 @@ def test_accepts_tensors_and_channel_dim():
     )
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("levels", [None, 7, 2])  # continuous scores, heavy ties, two values only
+def test_pixel_auroc_equals_scikit_learn(seed, levels):
+    """The Mann-Whitney pair count gives scikit-learn's ROC AUC, ties and float32 maps included."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    masks = rng.random((3, 17, 19)) < rng.uniform(0.02, 0.6)
+    masks[0, 0, 0], masks[0, 0, 1] = True, False
+    maps = (rng.normal(size=masks.shape) + masks * rng.uniform(0, 2)).astype(np.float32)
+    if levels:
+        maps = np.round(maps * levels / 4) / levels
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
+
+
 def test_pixel_auroc_hand_derived():
     masks = np.array([[[1, 0, 0, 1]]])
     maps = np.array([[[0.8, 0.4, 0.9, 0.1]]])
@@ -302,6 +318,19 @@ def test_bootstrap_weights_equal_the_metrics_of_repeated_images(seed, decimals):
         expected = (pixel_auroc(masks[index], maps[index]), pro(masks[index], maps[index]),
                     image_auroc(labels[index], scores[index]))
         assert boot.metrics(weights) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_batch_shared_among_threads_equals_one_draw_at_a_time(monkeypatch):
+    from diffad import metrics
+
+    masks, maps, labels, scores = _bootstrap_case(3, None)
+    boot = metrics.ImageBootstrap(masks, maps, labels, scores)
+    rng = np.random.default_rng(0)
+    weights = np.stack([np.bincount(rng.integers(0, len(masks), len(masks)), minlength=len(masks))
+                        for _ in range(100)])
+    monkeypatch.setattr(metrics, "PRO_THREADS", 3)
+    together = boot.metrics_batch(weights)
+    assert np.array_equal(together, np.array([boot.metrics(w) for w in weights]))
 
 
 def test_bootstrap_draws_that_cross_late_go_past_the_head():

@@ -22,7 +22,7 @@ from diffad.models.unet import UNetConfig, create_unet, unet_config
 from diffad.presets import SCORING_FIELDS, Preset
 
 __all__ = ["MODEL_NAME", "TrainedModel", "build_diffusion", "build_feature_extractor", "build_unet", "feature_grid",
-           "compute_features", "feature_statistics", "standardize", "skipped_in"]
+           "compute_features", "feature_statistics", "standardize", "skipped_in", "use_inference_layout"]
 
 MODEL_NAME = "model.pt"
 
@@ -85,6 +85,9 @@ class TrainedModel:
     feature_channels: int
     history: list[dict] = field(default_factory=list)
     feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel (mean, std) of targets
+
+    def __post_init__(self) -> None:
+        use_inference_layout(self.unet)
 
     def scored_as(self, preset: Preset) -> TrainedModel:
         """This model with ``preset``'s scoring settings (``SCORING_FIELDS``), the same weights.
@@ -150,6 +153,20 @@ class TrainedModel:
         unet.to(pick_device(device)).eval()
         return cls(preset, list(state["categories"]), unet, state["feature_channels"], state.get("history", []),
                    state.get("feature_stats"))
+
+
+def use_inference_layout(unet: torch.nn.Module) -> torch.nn.Module:
+    """Put a float32 UNet on the CPU in channels-last layout (in place) and return it.
+
+    oneDNN's CPU convolutions run faster on channels-last weights: a scoring pass of the cpu preset
+    takes 0.30 s instead of 0.40 s per 16 images on 2 cores (benchmarks/bench_model.py), with the
+    outputs equal to 1e-5. Training keeps the default layout (its backward pass is slower
+    channels-last on a CPU), and so does a float64 copy (gradient denoising), where it does not help.
+    """
+    first = next(unet.parameters(), None)
+    if first is not None and first.device.type == "cpu" and first.dtype == torch.float32:
+        unet.to(memory_format=torch.channels_last)
+    return unet
 
 
 def skipped_in(history: list[dict]) -> int:

@@ -536,7 +536,9 @@ def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:
     digest = hashlib.sha1()
     for name, tensor in sorted(model.unet.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): the values in their logical order whatever the layout (a channels-last 1x1 kernel
+        # counts as contiguous with a last stride above 1, which .view(torch.uint8) refuses)
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     for images in (data.test_images, data.val_images):
         digest.update(images.contiguous().view(torch.uint8).numpy().tobytes())
     fields = {k: model.preset.to_dict()[k] for k in RAW_MAP_FIELDS}
