@@ -450,18 +450,18 @@ PAPER = Preset(
 # (tissue 0.791 / 0.638 / 0.798 -> 0.880 / 0.722 / 0.867); an earlier round had found the same
 # for the random textures on a development copy of the built-in data (grass PRO 0.65 -> 0.72,
 # gravel 0.49 -> 0.74), which then alone trained 600 steps. The scoring settings are chosen on
-# the development set (diffad.studies.tuning, chapter 7): two categories made from other photographs (a
+# the development set (diffad.studies.tuning, chapter 7b): two categories made from other photographs (a
 # coin, a tissue) with another seed, never on a reported category or on the cross-check painter's
 # defects. The rule, fixed before looking: the best mean of the ensemble's pixel AUROC, PRO and
 # image AUROC over the grid tuning.SCORING_GRID (alpha 0..1, both normalisations for the maps and
-# for the image score, smoothing sigma 0/1/2/4, top_k 64..4096); chapter 7 runs it on the shipped
+# for the image score, smoothing sigma 0/1/2/4, top_k 64..4096); chapter 7b runs it on the shipped
 # models. On the 600-step models it chose alpha 1.0, the KL map alone: 0.904 against 0.901 at
 # alpha 0.9 and 0.889 at the paper's 0.5 (with per-image maps, its best there). The better-trained
-# feature map still adds nothing to the pooled metrics of the development set (chapter 7 shows
+# feature map still adds nothing to the pooled metrics of the development set (chapter 7b shows
 # where it leads, kind by kind). Maps normalised with validation statistics (per-image z-scores
 # flatten a defect covering the whole part), sigma 2 and top_k 256 (16 pixels at 64 px; 1024 is
 # 0.0006 behind). On the 200-step models of the previous round the same rule had chosen alpha
-# 0.9 and top_k 1024. Timesteps 5/10/20: at 64 px, t above 20 only lost (chapter 11).
+# 0.9 and top_k 1024. Timesteps 5/10/20: at 64 px, t above 20 only lost (chapter 11b).
 # Tried on the development set and not kept (2026-12): the backbone reading the images at 256 px
 # instead of 128 (both categories retrained 600 steps) raised the feature map alone from 0.791 to
 # 0.825 on the rule's score, but the rule still chose alpha 1.0 and scored 0.899 (the KL models'
@@ -498,10 +498,10 @@ CPU = Preset(
     denoise_rounds=30,  # chapter 8's trajectory: a minute on 2 cores; the loss has fallen by then
 )
 
-# Why each cpu setting departs from the paper's, and how it was chosen: the ledger of chapter 10
+# Why each cpu setting departs from the paper's, and how it was chosen: the ledger of chapter 10b
 # (a test checks that every field where CPU and PAPER differ has its line). "scale": forced by
 # 2 CPU cores and minutes per category; "dev": measured on development data, never on the test
-# split: the scoring fields on the development set of other photographs (diffad.studies.tuning, chapter 7),
+# split: the scoring fields on the development set of other photographs (diffad.studies.tuning, chapter 7b),
 # the training fields in earlier rounds on a development copy of the built-in data (seed 1);
 # "follows": a consequence of another line.
 CPU_DEPARTURES: dict[str, tuple[str, str]] = {
@@ -545,7 +545,7 @@ def with_paper_scoring(preset: "Preset") -> "Preset":
 def departures(preset: "Preset", reference: "Preset", reasons: dict[str, tuple[str, str]] | None = None
                ) -> list[dict[str, Any]]:
     """Every field where ``preset`` differs from ``reference``, with the recorded reason: rows of
-    ``field``, ``reference``, ``preset``, ``kind`` and ``why`` (the ledger of chapter 10)."""
+    ``field``, ``reference``, ``preset``, ``kind`` and ``why`` (the ledger of chapter 10b)."""
     reasons = {} if reasons is None else reasons
     rows = []
     for f in dataclasses.fields(Preset):

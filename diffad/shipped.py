@@ -1,8 +1,8 @@
 """The trained models that ship with diffad, found in the package or fetched from the repository.
 
 The repository keeps every shipped model in ``diffad/resources/checkpoints/`` (the cpu preset's
-model of each built-in and development category, the variants chapters 10-13 compare, the
-unified model of chapter 11, chapter 15's own-object model). ``manifest.json`` beside them lists
+model of each built-in and development category, the variants chapters 10b and 13 compare, the
+unified models of chapter 11b, chapter 15's own-object model). ``manifest.json`` beside them lists
 each one: its size and SHA-256, and what it was trained on (preset name, categories, the
 fingerprint of its training fields), so a model is found by its settings without reading it.
 

@@ -26,7 +26,7 @@ def test_unified_overrides_are_class_conditional_and_longer():
 
 
 def test_unified_overrides_of_other_presets_double_their_own_steps():
-    # authors (what chapters 11 and 14 recommend on a GPU) and a preset made by hand
+    # authors (what chapters 11b and 14 recommend on a GPU) and a preset made by hand
     assert ablations.unified_overrides("authors") == {
         "class_cond": True, "train_steps": 20_000, "lr_anneal_steps": 20_000}
     mine = get_preset("paper").replace(name="mine", train_steps=300)

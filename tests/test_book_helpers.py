@@ -57,7 +57,7 @@ def test_shipped_cpu_checkpoints_are_listed():
 
     cpu = get_preset("cpu")
     assert set(BUILTIN_CATEGORIES) | set(DEVELOPMENT_CATEGORIES) <= book.shipped_categories(cpu)
-    # chapter 11's unified model of every built-in category, in the order list_categories gives
+    # chapter 11b's unified model of every built-in category, in the order list_categories gives
     every = sorted(BUILTIN_CATEGORIES)
     assert book.shipped_checkpoint(cpu.replace(**unified_overrides(cpu)), every) is not None
 
@@ -152,7 +152,7 @@ def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp
 ])
 def test_the_variants_the_chapters_read_are_shipped(categories, fields):
     """Chapter 13's authors' choices (with their 200-step base, the variant studies' schedule),
-    chapter 10's seeds (the preset's own 600 steps) and chapter 11's compute-matched unified model
+    chapter 10b's seeds (the preset's own 600 steps) and chapter 11b's compute-matched unified model
     ship, each under the fingerprint of the training fields it records."""
     from diffad.studies.ablations import matched_unified_overrides, variant_study_preset
     from diffad.presets import training_fingerprint

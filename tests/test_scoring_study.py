@@ -1,4 +1,4 @@
-"""The scoring study of chapter 7 (diffad.studies.scoring_study), on small synthetic maps."""
+"""The scoring study of chapter 7b (diffad.studies.scoring_study), on small synthetic maps."""
 
 import numpy as np
 import pytest

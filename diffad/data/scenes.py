@@ -34,7 +34,7 @@ image, rotation up to 4 degrees, scale +-2 %, light direction +-10 degrees, brig
 plus sensor noise (sigma 0.01). Normal variation is therefore real, as in MVTec's objects.
 
 Development categories (``DEVELOPMENT_CATEGORIES``, :func:`make_development_dataset`), made from
-photographs that no test category uses, for choosing settings (chapter 7):
+photographs that no test category uses, for choosing settings (chapter 7b):
 
 * ``coin``   -- a real photographed coin (the helmeted head of ``skimage.data.coins()``, CC0),
   warped with the objects' pose and lighting change onto a dark table, warm-tinted;

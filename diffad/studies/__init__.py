@@ -13,7 +13,7 @@ The studies use it and are never used by it (``tests/test_structure.py`` checks)
 * :mod:`~diffad.studies.ablations`: the paper's ablations and the authors' code, setting by setting;
 * :mod:`~diffad.studies.tuning`: choosing the scoring settings on the development set;
 * :mod:`~diffad.studies.scoring_study`: the KL map, the feature map and the alpha sweep under the
-  paper's scoring and the preset's (chapter 7; chapters 11 and 14 read its cache);
+  paper's scoring and the preset's (chapter 7b; chapters 11 and 14 read its cache);
 * :mod:`~diffad.studies.scorecard`: the verdicts of chapter 14;
 * :mod:`~diffad.studies.viz`, :mod:`~diffad.studies.widgets`: the chapters' figures and widgets.
 

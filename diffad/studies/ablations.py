@@ -49,7 +49,7 @@ UNIFIED_TRAINING: dict[str, dict] = {
 # choices, 8 models on the cpu preset with their base. [note] There they train 200 steps, a third
 # of the preset's 600, so that all of them ship (about 3 minutes each instead of 8) and each is
 # compared with a base model trained the same 200 steps: they measure what a training choice does
-# to a short run, not to the shipped models. Chapter 10's training seeds train the preset's own
+# to a short run, not to the shipped models. Chapter 10b's training seeds train the preset's own
 # 600 steps (seed 0 is the shipped model). Other presets study their own schedule.
 VARIANT_STUDY_TRAINING: dict[str, dict] = {"cpu": {"train_steps": 200, "lr_anneal_steps": 200}}
 

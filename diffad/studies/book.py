@@ -253,7 +253,7 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
     1. ``preset``, a name or a Preset: the chapter's ``PRESET``;
     2. ``DIFFAD_PRESET``, a preset name, replaces it: a student, or a test, switches a chapter
        without editing it (e.g. ``DIFFAD_PRESET=paper``);
-    3. ``overrides``, the chapter's keyword fields (chapter 11's unified model), on top of
+    3. ``overrides``, the chapter's keyword fields (chapter 11b's unified model), on top of
        whichever preset 2 chose;
     4. ``DIFFAD_SET``: ``name=value`` items separated by whitespace, each value read exactly like
        the command line's ``--set`` (``train_steps=2000 unet_overrides={"model_channels": 32}``),
@@ -350,7 +350,8 @@ def defect_kinds(data, preferred: Sequence[str] = (), n: int | None = None) -> t
 
 # Training a chapter runs by default on MVTec-AD: what is estimated to take at most this long on the
 # GPU at hand, else AFFORDABLE_CATEGORIES categories (a texture, an object, one more), with the hours
-# of the whole printed beside the switch that runs it (ALL_CATEGORIES = True in chapters 10, 11, 14).
+# of the whole printed beside the switch that runs it (ALL_CATEGORIES = True in chapters 10, 10b, 11,
+# 11b and 14).
 AFFORDABLE_GPU_HOURS = 1.0
 AFFORDABLE_CATEGORIES = 3
 

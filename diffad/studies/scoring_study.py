@@ -1,4 +1,4 @@
-"""The scoring study of chapter 7 (issue #26): which scoring lets the feature map earn a weight.
+"""The scoring study of chapter 7b (issue #26): which scoring lets the feature map earn a weight.
 
 The same raw maps (``book.scored``: one UNet pass per test step, cached) are scored four ways,
 {the paper's per-image normalisation, the preset's validation normalisation} x {no smoothing,
@@ -14,7 +14,7 @@ of "alpha 0.5 minus the better branch" is paired: both maps are scored on the sa
   image score with the preset's top-k.
 
 Each (category, scoring) unit is cached in ``<cache>/studies`` under a fingerprint of its raw
-maps, masks and settings, so that chapters 11 and 14 read what chapter 7 computed.
+maps, masks and settings, so that chapters 11 and 14 read what chapter 7b computed.
 """
 
 from __future__ import annotations

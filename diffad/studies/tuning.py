@@ -1,6 +1,6 @@
 """Choosing scoring settings on the development set, by a rule fixed before looking.
 
-The protocol (chapter 7): the cpu preset's scoring settings (``SCORING_GRID``'s fields) are
+The protocol (chapter 7b): the cpu preset's scoring settings (``SCORING_GRID``'s fields) are
 chosen on :func:`diffad.data.make_development_dataset`'s categories, which share neither the
 source photographs nor the seed with any reported category, and whose defects come from the
 built-in painter. The cross-check data (a second, independent painter) is never looked at while
