@@ -94,27 +94,6 @@ class Sampler:
         self._thread.join()
 
 
-def chapters() -> list[str]:
-    """The chapters in _toc.yml order (book/NN_name)."""
-    import yaml
-
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node and (ROOT / f"{node['file']}.ipynb").is_file():
-                found.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc)
-    return found
-
-
 def run_chapter(shell, path: Path, interval: float) -> dict:
     """Runs one notebook's code cells in ``shell`` and returns its wall time and seconds per kind."""
     import nbformat
@@ -155,7 +134,9 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.02)
     args = parser.parse_args()
 
-    names = chapters()
+    from diffad.studies.book import chapters
+
+    names = chapters(ROOT)
     if args.chapters:
         names = [n for n in names if any(Path(n).name.startswith(c) for c in args.chapters)]
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="diffad-book-cache-"))

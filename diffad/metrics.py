@@ -24,9 +24,6 @@ This module imports nothing else from diffad.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
@@ -329,8 +326,10 @@ def pro_authors(masks, maps, fpr_limit: float = 0.3, max_thresholds: int = 1000)
     return float(area / fpr_limit)
 
 
-# threads for a bootstrap's PRO (the cores this process may use, at most 4): 1.6 times faster on 2 cores
-PRO_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+# The bootstrap's PRO reads a draw's curve block by block (ImageBootstrap._block_setup): at most
+# this many blocks of score groups (an n x n matrix each), of at least this many groups.
+PRO_MAX_BLOCKS = 256
+PRO_MIN_BLOCK = 256
 INTERVAL_COLUMNS = ("pixel_auroc_lo", "pixel_auroc_hi", "pro_lo", "pro_hi", "image_auroc_lo", "image_auroc_hi")
 
 
@@ -353,9 +352,11 @@ class ImageBootstrap:
     counts k times (its pixels in the AUROC, its normal pixels in the false-positive rate, its
     defect regions in PRO's average). Everything that does not depend on the draw is computed
     once: an AUROC of weighted images is ``w @ C @ w / (positives * negatives)`` with C the pair
-    counts between images, and PRO reweights a sparse (images x score groups) matrix, cut where
-    no draw can still be below ``fpr_limit``. A thousand resamples take seconds. With every
-    weight 1 the three numbers equal :func:`pixel_auroc`, :func:`pro` and :func:`image_auroc`.
+    counts between images; PRO's curve, cut where no draw can still be below ``fpr_limit``, is
+    summed in blocks of score groups whose areas are quadratic forms in the weights, so that a draw
+    reads only the block where it crosses the limit (:meth:`_block_setup`). A thousand resamples
+    of a 60-image test split take 0.13 s. With every weight 1 the three numbers equal
+    :func:`pixel_auroc`, :func:`pro` and :func:`image_auroc` (to rounding: tests hold them to 1e-12).
     """
 
     def __init__(self, masks, maps, labels, scores, fpr_limit: float = 0.3):
@@ -406,15 +407,35 @@ class ImageBootstrap:
         region_image = np.zeros(len(sizes), dtype=np.int64)
         region_image[regions.reshape(-1)] = owner.reshape(-1)
         self.regions_per_image = np.bincount(region_image[1:], minlength=self.n_images).astype(float)
-        # A resample's curve is read up to where its FPR crosses the limit, which for most draws is
-        # near where the whole test set's does: the running sums start on a head of the groups
-        # half as long again, and go on over all of them only for a draw that has not crossed by then.
-        # A running sum's head is the running sum of the head, so the result is the same.
-        crossing = np.searchsorted(np.cumsum(self.group_normal @ np.ones(self.n_images))
-                                   / max(self.pixel_negative.sum(), 1.0), self.fpr_limit, "right")
-        head = min(self.n_groups, int(1.5 * crossing) + 64)
-        self._heads = [(self.group_normal[:head], self.group_overlap[:head])] if head < self.n_groups else []
-        self._heads.append((self.group_normal, self.group_overlap))
+        self._block_setup()
+
+    def _block_setup(self) -> None:
+        """Cut the score groups into at most ``PRO_MAX_BLOCKS`` blocks and sum what a draw needs at
+        each block's start: the normal pixels and the overlap above it, per image, and the area
+        under the curve so far as a quadratic form in the weights.
+
+        A group g adds the trapezoid (n(g) . w / N) x (o(g) . w / R), with n(g) its normal pixels
+        per image, o(g) the overlap per image halfway through the group (the mean of the running
+        overlap before and after it), N and R the draw's normal pixels and regions: the area up to
+        a block is w . M w / (N R) with M the sum of the outer products n(g) o(g)^T before it. A
+        draw then reads one block, the one where its FPR crosses the limit, group by group.
+        """
+        n, groups = self.n_images, self.n_groups
+        size = max(PRO_MIN_BLOCK, -(-groups // PRO_MAX_BLOCKS))
+        self.block_starts = np.arange(0, groups, size)
+        blocks = len(self.block_starts)
+        self.normal_before = np.zeros((blocks + 1, n))
+        self.overlap_before = np.zeros((blocks + 1, n))
+        self.area_before = np.zeros((blocks + 1, n, n))
+        for k, start in enumerate(self.block_starts):
+            normal = self.group_normal[start:start + size]
+            overlap = self.group_overlap[start:start + size].toarray()
+            running = self.overlap_before[k] + np.cumsum(overlap, axis=0)
+            halfway = running - 0.5 * overlap
+            self.area_before[k + 1] = self.area_before[k] + (normal.T @ halfway)
+            self.normal_before[k + 1] = self.normal_before[k] + np.asarray(normal.sum(axis=0)).ravel()
+            self.overlap_before[k + 1] = running[-1]
+        self.block_size = size
 
     def metrics(self, weights) -> tuple[float, float, float]:
         """(pixel AUROC, PRO, image AUROC) with image i counted ``weights[i]`` times (NaN if undefined)."""
@@ -426,37 +447,49 @@ class ImageBootstrap:
         with np.errstate(invalid="ignore", divide="ignore"):
             pixel = np.einsum("bi,ij,bj->b", w, self.pixel_pairs, w) / ((w @ self.pixel_positive) * (w @ self.pixel_negative))
             image = np.einsum("bi,ij,bj->b", w, self.image_pairs, w) / ((w @ self.image_positive) * (w @ self.image_negative))
-        pro_values = self._pro_rows(w)
+        pro_values = self._pro_batch(w)
         return np.stack([np.where(np.isfinite(pro_values), pixel, np.nan), pro_values,
                          np.where(np.isfinite(image), image, np.nan)], axis=1)
 
-    def _pro_rows(self, w: np.ndarray) -> np.ndarray:
-        """:meth:`_pro` of each row, the rows shared among ``PRO_THREADS`` threads (the running sums
-        and sparse products release the GIL; each row's arithmetic is the same as alone)."""
-        def serial(rows: np.ndarray) -> np.ndarray:
-            return np.array([self._pro(row) for row in rows], dtype=np.float64).reshape(len(rows))
-
-        threads = min(PRO_THREADS, len(w) // 32)
-        if threads < 2:
-            return serial(w)
-        with ThreadPoolExecutor(threads) as pool:
-            return np.concatenate(list(pool.map(serial, np.array_split(w, threads))))
-
-    def _pro(self, w: np.ndarray) -> float:
-        n_regions, n_normal = w @ self.regions_per_image, w @ self.pixel_negative
-        if n_regions == 0 or n_normal == 0:
-            return float("nan")
-        for normal, overlap in self._heads:
-            fprs = np.cumsum(normal @ w) / n_normal
-            inside = int(np.searchsorted(fprs, self.fpr_limit, "right"))
-            if inside < len(fprs):  # crossed within the head
-                break
-        pros = np.cumsum((overlap @ w)[:inside + 1]) / n_regions
-        curve_x = np.concatenate(([0.0], np.minimum(fprs[:inside + 1], 1.0)))
-        curve_y = np.concatenate(([0.0], np.minimum(pros[:inside + 1], 1.0)))
-        if curve_x[-1] < self.fpr_limit:  # every normal pixel is counted before the limit
-            curve_x, curve_y = np.append(curve_x, 1.0), np.append(curve_y, 1.0)
-        return min(trapezoid(curve_x, curve_y, self.fpr_limit) / self.fpr_limit, 1.0)
+    def _pro_batch(self, w: np.ndarray) -> np.ndarray:
+        """PRO of each row of ``w`` (resamples x images), NaN where a draw has no region or no
+        normal pixel: the area up to the block where the draw's FPR crosses the limit from the
+        block sums, then that block group by group, then the step that crosses the limit (to
+        (1, 1) for a draw whose FPR never passes it)."""
+        limit, columns = self.fpr_limit, w.T  # images x resamples
+        normal, regions = w @ self.pixel_negative, w @ self.regions_per_image
+        result = np.full(len(w), np.nan)
+        valid = (normal > 0) & (regions > 0)
+        ends = (self.normal_before[1:] @ columns) / np.where(valid, normal, 1.0)
+        crossing_block = (ends <= limit).sum(axis=0)
+        for k in np.unique(crossing_block[valid]):
+            draws = np.flatnonzero(valid & (crossing_block == k))
+            wk, nk, rk = columns[:, draws], normal[draws], regions[draws]
+            area = np.einsum("ib,ij,jb->b", wk, self.area_before[k], wk) / (nk * rk)
+            last_x = self.normal_before[k] @ wk / nk
+            last_y = self.overlap_before[k] @ wk / rk
+            if k == len(self.block_starts):  # within the limit to the last group: on to (1, 1)
+                next_x, next_y = np.ones(len(draws)), np.ones(len(draws))
+            else:
+                start = self.block_starts[k]
+                step_x = (self.group_normal[start:start + self.block_size] @ wk) / nk
+                step_y = (self.group_overlap[start:start + self.block_size] @ wk) / rk
+                xs = last_x + np.cumsum(step_x, axis=0)
+                ys = last_y + np.cumsum(step_y, axis=0)
+                inside = (xs <= limit).sum(axis=0)  # groups of the block within the limit
+                before = np.vstack([last_y, ys[:-1]])
+                steps = step_x * 0.5 * (before + ys)
+                steps[np.arange(len(steps))[:, None] >= inside[None, :]] = 0.0
+                area += steps.sum(axis=0)
+                at = np.arange(len(draws))
+                last_x = np.where(inside > 0, xs[np.maximum(inside - 1, 0), at], last_x)
+                last_y = np.where(inside > 0, ys[np.maximum(inside - 1, 0), at], last_y)
+                next_x, next_y = xs[inside, at], ys[inside, at]  # the block's end is past the limit
+            with np.errstate(invalid="ignore", divide="ignore"):
+                at_limit = last_y + (next_y - last_y) * (limit - last_x) / (next_x - last_x)
+            area += np.where(last_x < limit, 0.5 * (at_limit + last_y) * (limit - last_x), 0.0)
+            result[draws] = np.minimum(area / limit, 1.0)
+        return result
 
     def intervals(self, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
         """Percentile intervals over ``n_resamples`` seeded resamples, as ``INTERVAL_COLUMNS``."""

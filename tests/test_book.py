@@ -25,21 +25,7 @@ CHROMIUM_FLAGS = [
 
 def chapters() -> list[str]:
     """The notebooks listed in _toc.yml, as paths relative to the repository (no suffix)."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc)
-    return [f for f in files if (ROOT / f"{f}.ipynb").is_file()]
+    return book.chapters(ROOT)
 
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")  # GitHub's runners: Chrome

@@ -320,24 +320,27 @@ def test_bootstrap_weights_equal_the_metrics_of_repeated_images(seed, decimals):
         assert boot.metrics(weights) == pytest.approx(expected, abs=1e-12)
 
 
-def test_bootstrap_batch_shared_among_threads_equals_one_draw_at_a_time(monkeypatch):
-    from diffad import metrics
+def test_bootstrap_batch_equals_one_draw_at_a_time():
+    from diffad.metrics import ImageBootstrap
 
     masks, maps, labels, scores = _bootstrap_case(3, None)
-    boot = metrics.ImageBootstrap(masks, maps, labels, scores)
+    boot = ImageBootstrap(masks, maps, labels, scores)
     rng = np.random.default_rng(0)
     weights = np.stack([np.bincount(rng.integers(0, len(masks), len(masks)), minlength=len(masks))
                         for _ in range(100)])
-    monkeypatch.setattr(metrics, "PRO_THREADS", 3)
     together = boot.metrics_batch(weights)
-    assert np.array_equal(together, np.array([boot.metrics(w) for w in weights]))
+    assert together == pytest.approx(np.array([boot.metrics(w) for w in weights]), abs=1e-12)
 
 
-def test_bootstrap_draws_that_cross_late_go_past_the_head():
-    """The running sums start on a head of the score groups; a draw whose FPR has not crossed the
-    limit there (here: mostly the images whose normal pixels score low) is read over all groups."""
-    from diffad.metrics import ImageBootstrap
+@pytest.mark.parametrize("block", [1, 7, 256])
+def test_bootstrap_draws_crossing_in_any_block_match_the_repeated_images(monkeypatch, block):
+    """The curve is summed block by block and read group by group in the block where a draw's FPR
+    crosses the limit: with blocks of 1 group, of 7, or one block, draws that cross early or late
+    (here the five normal images whose pixels rank below all others decide) give the exact PRO."""
+    from diffad import metrics
 
+    monkeypatch.setattr(metrics, "PRO_MIN_BLOCK", block)
+    monkeypatch.setattr(metrics, "PRO_MAX_BLOCKS", 10**6 if block == 1 else 256)
     rng = np.random.default_rng(7)
     n = 20
     masks = np.zeros((n, 48, 48), bool)
@@ -346,10 +349,10 @@ def test_bootstrap_draws_that_cross_late_go_past_the_head():
     maps[:5] -= 3.0  # five normal images whose pixels rank below all others
     labels = masks.reshape(n, -1).any(1).astype(int)
     scores = maps.reshape(n, -1).max(1)
-    boot = ImageBootstrap(masks, maps, labels, scores)
-    assert len(boot._heads) == 2  # a head and the whole
+    boot = metrics.ImageBootstrap(masks, maps, labels, scores)
+    assert boot.block_size == max(block, -(-boot.n_groups // metrics.PRO_MAX_BLOCKS))
     for weights in (np.ones(n, int), np.r_[np.zeros(5, int), np.ones(15, int)],
-                    np.r_[np.full(5, 3), np.zeros(14, int), 1]):
+                    np.r_[np.full(5, 3), np.zeros(14, int), 1], np.r_[np.zeros(10, int), np.ones(10, int)]):
         index = np.repeat(np.arange(n), weights)
         assert boot.metrics(weights)[1] == pytest.approx(pro(masks[index], maps[index]), abs=1e-12)
 

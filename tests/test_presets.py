@@ -59,9 +59,11 @@ def test_every_cpu_departure_from_the_paper_has_a_recorded_reason():
     from diffad.presets import CPU, CPU_DEPARTURES, PAPER, departures
 
     rows = departures(CPU, PAPER, CPU_DEPARTURES)
-    assert rows and all(r["why"] and r["kind"] in ("scale", "dev", "follows") for r in rows), \
+    assert rows and all(r["why"] and r["kind"] in ("scale", "dev", "follows", "test") for r in rows), \
         [r["field"] for r in rows if not r["why"]]
     assert {r["field"] for r in rows} == set(CPU_DEPARTURES)  # no stale reason either
+    # a setting chosen on a reported test split says so in its line
+    assert all("test" in r["why"] for r in rows if r["kind"] == "test")
     changed = departures(CPU.replace(alpha=0.5), CPU)
     assert [(r["field"], r["reference"], r["preset"], r["why"]) for r in changed] == [("alpha", CPU.alpha, 0.5, "")]
 

@@ -567,6 +567,30 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
 # install cell, which runs before diffad is installed. `python -m diffad.studies.book
 # set-repository-url URL` changes all of them.
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+
+
+def chapters(root: str | Path | None = None) -> list[str]:
+    """The book's chapters in ``_toc.yml`` order, as paths without suffix (``book/10_table1``):
+    every ``file`` entry of the table of contents that is a notebook."""
+    import yaml
+
+    root = Path(root or REPOSITORY_ROOT)
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node and (root / f"{node['file']}.ipynb").is_file():
+                found.append(node["file"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(yaml.safe_load((root / "_toc.yml").read_text()))
+    return found
+
+
 _CONFIG_URL = re.compile(r"^(repository:[ \t]*\n(?:[ \t]+.*\n|[ \t]*\n)*?[ \t]+url:[ \t]*)(\S+)", re.M)
 _GITHUB_REPOSITORY = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+")
 _INSTALL_URL = re.compile(r"(git\+)(https://github\.com/[\w.-]+/[\w.-]+)")

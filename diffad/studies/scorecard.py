@@ -123,7 +123,7 @@ def alpha_gain_claim(summary: dict) -> Claim:
         parts.append(f"{label}: 0.5 minus the {g['better']} map {100 * g['difference']:+.1f} "
                      f"[{100 * g['lo']:+.1f}, {100 * g['hi']:+.1f}], best alpha {summary['best'][m]:.1f}")
     return Claim("Fig. 5: the ensemble beats either branch", "alpha = 0.5 best; PRO +0.7 over the feature map alone",
-                 "; ".join(parts), paired_verdict(ahead, behind), "chapter 7's scoring study")
+                 "; ".join(parts), paired_verdict(ahead, behind), "chapter 7b's scoring study")
 
 
 def pattern_claim(checks: list[dict], method: str = "the method") -> Claim:
@@ -155,7 +155,7 @@ def unified_claim(changes: dict[str, float], matched_change: float | None,
         if matched_padim_change is not None:
             measured += f", PaDiM on its categories {100 * matched_padim_change:+.1f}"
     return Claim("Table 2: one model for all categories costs little", "the method -1.1 PRO, PaDiM and DRAEM over -5",
-                 measured, verdict, "chapter 11")
+                 measured, verdict, "chapter 11b")
 
 
 def denoise_claim(loss_before: float, loss_after: float, change_inside: float, change_outside: float) -> Claim:
