@@ -6,7 +6,7 @@ official MVTec-AD evaluation code exactly:
 * **pixel AUROC** -- ROC AUC over every test pixel, computed as the Mann-Whitney statistic (the
   share of (defect, normal) pixel pairs ranked right, ties counted half): the same number as
   scikit-learn's ``roc_auc_score`` (tests/test_metrics.py checks it to 1e-12, ties included), a
-  sort of the normal pixels and a binary search of the defect pixels, about 15 times faster on a
+  sort of the normal pixels and a binary search of the defect pixels, about ten times faster on a
   test split's quarter-million pixels.
 * **image AUROC** -- ROC AUC over one score per image (scikit-learn).
 * **PRO** (per-region overlap) -- every connected defect region (8-connectivity, any nonzero
