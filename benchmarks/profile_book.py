@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.02)
     args = parser.parse_args()
 
+    sys.path.insert(0, str(ROOT))  # this checkout's diffad, installed or not
     from diffad.studies.book import chapters
 
     names = chapters(ROOT)
@@ -143,7 +144,6 @@ def main() -> None:
     os.environ["DIFFAD_CACHE"] = str(cache.resolve())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(ROOT / "book")
-    sys.path.insert(0, str(ROOT))
 
     from IPython.core.interactiveshell import InteractiveShell
 
