@@ -402,8 +402,12 @@ class ImageBootstrap:
         inv_size = np.zeros(len(sizes))
         inv_size[1:] = 1.0 / sizes[1:]
         shape = (self.n_groups, self.n_images)  # score groups x images: rows slice cheaply
-        self.group_normal = sparse.csr_matrix(((region == 0).astype(float), (group, image)), shape=shape)
-        self.group_overlap = sparse.csr_matrix((inv_size[region], (group, image)), shape=shape)
+        normal, defect = region == 0, region > 0
+        self._normal_entries = (group[normal], image[normal])  # one per normal pixel, weight 1
+        self._overlap_entries = (group[defect], image[defect], inv_size[region[defect]])
+        self.group_normal = sparse.csr_matrix((np.ones(normal.sum()), self._normal_entries), shape=shape)
+        self.group_overlap = sparse.csr_matrix((self._overlap_entries[2], self._overlap_entries[:2]),
+                                               shape=shape)
         region_image = np.zeros(len(sizes), dtype=np.int64)
         region_image[regions.reshape(-1)] = owner.reshape(-1)
         self.regions_per_image = np.bincount(region_image[1:], minlength=self.n_images).astype(float)
@@ -419,23 +423,37 @@ class ImageBootstrap:
         overlap before and after it), N and R the draw's normal pixels and regions: the area up to
         a block is w . M w / (N R) with M the sum of the outer products n(g) o(g)^T before it. A
         draw then reads one block, the one where its FPR crosses the limit, group by group.
+
+        M is summed from the defect pixels' side, which are few: for groups before b,
+        M[i, j] = N_i(b) O_j(b) - sum over defect pixels p of image j with group g_p < b of
+        o_p (N_i(< g_p) + n_i(g_p) / 2), N and O the running normal pixels and overlap.
         """
         n, groups = self.n_images, self.n_groups
         size = max(PRO_MIN_BLOCK, -(-groups // PRO_MAX_BLOCKS))
         self.block_starts = np.arange(0, groups, size)
-        blocks = len(self.block_starts)
-        self.normal_before = np.zeros((blocks + 1, n))
-        self.overlap_before = np.zeros((blocks + 1, n))
-        self.area_before = np.zeros((blocks + 1, n, n))
-        for k, start in enumerate(self.block_starts):
-            normal = self.group_normal[start:start + size]
-            overlap = self.group_overlap[start:start + size].toarray()
-            running = self.overlap_before[k] + np.cumsum(overlap, axis=0)
-            halfway = running - 0.5 * overlap
-            self.area_before[k + 1] = self.area_before[k] + (normal.T @ halfway)
-            self.normal_before[k + 1] = self.normal_before[k] + np.asarray(normal.sum(axis=0)).ravel()
-            self.overlap_before[k + 1] = running[-1]
-        self.block_size = size
+        self.block_size, blocks = size, len(self.block_starts)
+        normal_group, normal_image = self._normal_entries
+        overlap_group, overlap_image, overlap = self._overlap_entries
+
+        def before_blocks(group, image, weight):  # (blocks + 1, n): the sums over groups before each block
+            sums = np.bincount(group // size * n + image, weight, blocks * n).reshape(blocks, n)
+            return np.vstack([np.zeros(n), np.cumsum(sums, axis=0)])
+
+        self.normal_before = before_blocks(normal_group, normal_image, np.ones(len(normal_group)))
+        self.overlap_before = before_blocks(overlap_group, overlap_image, overlap)
+        # for each defect pixel, the normal pixels of each image before its group plus half of those in it
+        halfway = np.empty((len(overlap_group), n))
+        for i in range(n):
+            groups_i = normal_group[normal_image == i]  # ascending: the groups follow the scores
+            halfway[:, i] = 0.5 * (np.searchsorted(groups_i, overlap_group, "left")
+                                   + np.searchsorted(groups_i, overlap_group, "right"))
+        from scipy import sparse
+
+        slot = overlap_group // size * n + overlap_image  # (block, image j) of each defect pixel
+        owner = sparse.csr_matrix((overlap, (slot, np.arange(len(slot)))), shape=(blocks * n, len(slot)))
+        within = np.asarray(owner @ halfway).reshape(blocks, n, n).transpose(0, 2, 1)  # [block, i, j]
+        self.area_before = (self.normal_before[:, :, None] * self.overlap_before[:, None, :]
+                            - np.concatenate([np.zeros((1, n, n)), np.cumsum(within, axis=0)]))
 
     def metrics(self, weights) -> tuple[float, float, float]:
         """(pixel AUROC, PRO, image AUROC) with image i counted ``weights[i]`` times (NaN if undefined)."""
