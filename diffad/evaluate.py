@@ -33,7 +33,7 @@ from diffad import methods as method_registry
 from diffad.methods import DIFFUSION_MAPS
 from diffad.metrics import INTERVAL_COLUMNS, ImageBootstrap, bootstrap_intervals, image_auroc, pixel_auroc, pro, pro_authors
 from diffad.presets import Preset, get_preset
-from diffad.scoring import RawMaps, final_maps, score_raw
+from diffad.scoring import MAP_TYPES, RawMaps, final_maps, score_raw
 from diffad.tables import markdown_table
 from diffad.device import pick_device
 from diffad.models.denoiser import TrainedModel, build_feature_extractor
@@ -153,12 +153,18 @@ def method_names() -> tuple[str, ...]:
 
 
 def diffusion_rows(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset,
-                   alpha: float | None = None, intervals: int = 0) -> tuple[list[dict], dict, dict]:
+                   alpha: float | None = None, intervals: int = 0,
+                   methods: tuple[str, ...] = DIFFUSION_MAPS) -> tuple[list[dict], dict, dict]:
     """Metrics of the ensemble, KL, RGB and feature maps with the preset's settings (alpha may be given);
-    ``intervals`` bootstrap resamples add 95% intervals (:func:`metric_row`)."""
+    ``intervals`` bootstrap resamples add 95% intervals (:func:`metric_row`). ``methods``: the maps
+    to measure (a sweep that reads only the ensemble measures only the ensemble); every final map
+    is returned."""
+    unknown = [m for m in methods if m not in DIFFUSION_MAPS]
+    if unknown:
+        raise ValueError(f"unknown diffusion map(s) {unknown}; choose from {DIFFUSION_MAPS}")
     maps, all_scores = final_maps(raw_test, raw_val, preset, alpha)
     rows, scores = [], {}
-    for method in DIFFUSION_MAPS:
+    for method in (m for m in DIFFUSION_MAPS if m in methods):
         scores[method] = all_scores[method]
         rows.append(metric_row(data.category, method, data.test_masks, maps[method], data.test_labels, scores[method],
                                preset.pro_implementation, intervals, preset.seed))
@@ -424,12 +430,8 @@ def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: P
 
 
 def select_timesteps(raw: RawMaps, timesteps: tuple[int, ...]) -> RawMaps:
-    """The maps of a subset of the scored timesteps (no new UNet pass)."""
-    missing = [t for t in timesteps if t not in raw.timesteps]
-    if missing:
-        raise ValueError(f"timesteps {missing} were not scored; scored: {list(raw.timesteps)}")
-    index = [raw.timesteps.index(t) for t in timesteps]
-    return RawMaps(tuple(timesteps), raw.kl[:, index], raw.rgb[:, index], raw.feature[:, index])
+    """The maps of a subset of the scored timesteps (no new UNet pass): :meth:`RawMaps.select`."""
+    return raw.select(tuple(timesteps))
 
 
 def settings_sweep(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset,
@@ -442,14 +444,18 @@ def settings_sweep(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, pres
     import itertools
 
     names = list(grid)
+    for sigma in grid.get("smoothing_sigma", [preset.smoothing_sigma]):  # blurred once, then selected
+        for raw in (raw_test, raw_val):
+            for kind in MAP_TYPES:
+                raw.smoothed(kind, sigma)
     rows = []
     for values in itertools.product(*(grid[n] for n in names)):
         settings = dict(zip(names, values))
         p = preset.replace(**settings)
         timesteps = tuple(p.test_timesteps)
         test, val = select_timesteps(raw_test, timesteps), select_timesteps(raw_val, timesteps)
-        metric_rows, _, _ = diffusion_rows(data, test, val, p)
-        rows += [{**settings, **r} for r in metric_rows if r["method"] in methods]
+        metric_rows, _, _ = diffusion_rows(data, test, val, p, methods=methods)
+        rows += [{**settings, **r} for r in metric_rows]
     return rows
 
 

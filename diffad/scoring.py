@@ -55,6 +55,31 @@ class RawMaps:
             raise ValueError(f"unknown map type {kind!r}; choose from {MAP_TYPES}")
         return getattr(self, kind)
 
+    def smoothed(self, kind: str, sigma: float) -> torch.Tensor:
+        """``smooth(self.get(kind), sigma)``, blurred once per map type and sigma and kept: a sweep
+        over alpha, the normalisation or subsets of the timesteps (:meth:`select`) reads the same
+        blurred maps instead of blurring them again. The maps are never changed in place."""
+        memo = self.__dict__.setdefault("_smoothed", {})
+        key = (kind, float(sigma))
+        if key not in memo:
+            memo[key] = smooth(self.get(kind), sigma)
+        return memo[key]
+
+    def select(self, timesteps: tuple[int, ...]) -> "RawMaps":
+        """The maps of a subset of the scored timesteps, with the blurred maps already made (each
+        map is blurred on its own, so selecting first or blurring first gives the same maps)."""
+        missing = [t for t in timesteps if t not in self.timesteps]
+        if missing:
+            raise ValueError(f"timesteps {missing} were not scored; scored: {list(self.timesteps)}")
+        index = [self.timesteps.index(t) for t in timesteps]
+        out = RawMaps(tuple(timesteps), self.kl[:, index], self.rgb[:, index], self.feature[:, index])
+        out._smoothed = {key: maps[:, index] for key, maps in self.__dict__.get("_smoothed", {}).items()}
+        return out
+
+    def __getstate__(self) -> dict:
+        """Pickled (the book's cache) without the blurred maps: they are remade on demand."""
+        return {k: v for k, v in self.__dict__.items() if k != "_smoothed"}
+
 
 def _noise_for(index: int, seed: int, shape, k: int) -> torch.Tensor:
     """The noise for image ``index`` at its k-th timestep: fixed by (seed, index), not by batching."""
@@ -197,7 +222,7 @@ class Normalizer:
     def fit(cls, raw: RawMaps, smoothing_sigma: float = 0.0) -> "Normalizer":
         mean, std = {}, {}
         for kind in MAP_TYPES:
-            maps = smooth(raw.get(kind), smoothing_sigma)
+            maps = raw.smoothed(kind, smoothing_sigma)
             mean[kind] = maps.mean(dim=(0, 2, 3))
             std[kind] = maps.std(dim=(0, 2, 3)).clamp_min(1e-12)
         return cls(mean, std)
@@ -223,7 +248,7 @@ def normalized(raw: RawMaps, kind: str, normalization: str = "per_image",
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
-    maps = smooth(raw.get(kind), smoothing_sigma)
+    maps = raw.smoothed(kind, smoothing_sigma)
     if normalization == "per_image" and kind != "feature":
         maps = _zscore_per_image(maps)
     elif normalization == "validation":

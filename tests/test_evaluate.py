@@ -219,6 +219,13 @@ def test_image_score_can_read_validation_normalised_maps(tiny_preset):
     assert torch.allclose(scores["kl"], image_scores(val_maps["kl"], preset.top_k))  # image score: validation
     same = diffusion_rows(data, test, val, preset.replace(image_normalization=None))[2]
     assert torch.allclose(same["kl"], image_scores(expected_maps["kl"], preset.top_k))
+    # a sweep that reads one map measures only that one, with the same numbers
+    rows = diffusion_rows(data, test, val, preset)[0]
+    only, every_map, _ = diffusion_rows(data, test, val, preset, methods=("feature", "ensemble"))
+    assert [r["method"] for r in only] == ["ensemble", "feature"] and set(every_map) == set(maps)
+    assert only == [r for r in rows if r["method"] in ("ensemble", "feature")]
+    with pytest.raises(ValueError, match="unknown diffusion map"):
+        diffusion_rows(data, test, val, preset, methods=("padim",))
 
 
 # ----------------------------------------------------------------- result tables (chapter 10)

@@ -108,6 +108,29 @@ def test_smoothing_preserves_constants_and_spreads_a_spike():
     assert torch.equal(smooth(spike, 0.0), spike)
 
 
+def test_blurred_maps_are_made_once_and_survive_a_selection_but_not_a_pickle():
+    import io
+
+    raw = _raw()
+    first = raw.smoothed("kl", 1.0)
+    assert torch.equal(first, smooth(raw.kl, 1.0))
+    assert raw.smoothed("kl", 1.0) is first  # kept, not blurred again
+    assert not torch.equal(raw.smoothed("kl", 0.5), first)  # another sigma is another entry
+    picked = raw.select((raw.timesteps[-1],))
+    assert set(picked.__dict__["_smoothed"]) == {("kl", 1.0), ("kl", 0.5)}  # carried over
+    assert picked.timesteps == (raw.timesteps[-1],) and torch.equal(picked.kl, raw.kl[:, -1:])
+    # each map is blurred on its own: selecting carries the blurred maps over, equal to blurring anew
+    assert torch.equal(picked.smoothed("kl", 1.0), smooth(raw.kl[:, -1:], 1.0))
+    with pytest.raises(ValueError, match="were not scored"):
+        raw.select((999,))
+    buffer = io.BytesIO()
+    torch.save(raw, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "_smoothed" not in loaded.__dict__ and torch.equal(loaded.kl, raw.kl)
+    assert torch.equal(loaded.smoothed("kl", 1.0), first)
+
+
 def test_image_score_is_top_k_mean_scaled_with_area():
     maps = torch.zeros(2, 256, 256)
     maps[0].view(-1)[:64] = 1.0

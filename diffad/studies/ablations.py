@@ -346,8 +346,8 @@ def _rows_by_difference(variants: dict, data_root, category: str, scored, method
     for label, model in variants.items():
         data = CategoryData.load(data_root, category, model.preset)
         raw_test, raw_val = scored(model, data)
-        found, _, _ = diffusion_rows(data, raw_test, raw_val, model.preset)
-        rows += [dict(row, difference=label) for row in found if row["method"] in methods]
+        found, _, _ = diffusion_rows(data, raw_test, raw_val, model.preset, methods=tuple(methods))
+        rows += [dict(row, difference=label) for row in found]
     return rows
 
 

@@ -35,8 +35,8 @@ def explorer_metrics(data, raw_test: RawMaps, raw_val: RawMaps, preset, alpha: f
     score reads (None: the same), as in :class:`diffad.presets.Preset`.
     """
     settings = preset.replace(alpha=alpha, normalization=normalization, image_normalization=image_normalization)
-    rows, maps, _ = diffusion_rows(data, raw_test, raw_val, settings)
-    return [r for r in rows if r["method"] in EXPLORER_METHODS], maps
+    rows, maps, _ = diffusion_rows(data, raw_test, raw_val, settings, methods=EXPLORER_METHODS)
+    return rows, maps
 
 
 def metrics_html(rows: list[dict], alpha: float, normalization: str, image_normalization: str | None = None) -> str:
