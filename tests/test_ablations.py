@@ -227,19 +227,6 @@ def test_matched_unified_model_trains_each_category_as_long_as_its_own_model():
     assert both["train_steps"] == 1600
 
 
-def test_matched_categories_skip_lengthened_ones_and_keep_the_cpu_study():
-    from diffad.studies.ablations import matched_categories
-
-    cpu = get_preset("cpu")
-    every = ["brick", "capsule", "cup", "grass", "gravel", "nut", "retina"]
-    assert matched_categories(cpu, every) == ["brick", "capsule", "nut"]
-    longer = cpu.replace(category_overrides={"nut": {"train_steps": 1000, "lr_anneal_steps": 1000}})
-    assert matched_categories(longer, ["nut", "grass", "brick"]) == ["brick"]
-    other = cpu.replace(name="mine")
-    assert matched_categories(other, every) == every
-    assert matched_categories(other.replace(category_overrides=longer.category_overrides), ["nut", "cup"]) == ["cup"]
-
-
 def test_variant_studies_train_the_cpu_preset_shorter_and_other_presets_as_they_are():
     cpu = get_preset("cpu")
     study = ablations.variant_study_preset(cpu)

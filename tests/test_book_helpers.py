@@ -148,7 +148,7 @@ def test_variant_models_are_found_by_their_training_fields(ctx, monkeypatch, tmp
     (["brick"], {}), (["nut"], {}),
     (["brick"], {"grad_clip": None}), (["nut"], {"ema_warmup": False}), (["nut"], {"image_resize": "authors"}),
     (["brick"], "seed 1"), (["brick"], "seed 2"), (["nut"], "seed 1"), (["nut"], "seed 2"),
-    (["brick", "capsule", "nut"], "matched"),
+    (["brick", "capsule", "cup", "grass", "gravel", "nut", "retina"], "matched"),
 ])
 def test_the_variants_the_chapters_read_are_shipped(categories, fields):
     """Chapter 13's authors' choices (with their 200-step base, the variant studies' schedule),

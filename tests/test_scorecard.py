@@ -41,9 +41,9 @@ def test_unified_claim_prefers_the_compute_matched_model():
     assert confounded.verdict == "not replicated"
     fair = scorecard.unified_claim({"ensemble": -0.09, "padim": -0.06}, -0.005)
     assert fair.verdict == "replicated" and "compute-matched diffusion model -0.5" in fair.measured
-    # costs little, but PaDiM, on the matched model's categories, gains more: one part of two
-    cheap = scorecard.unified_claim({"ensemble": -0.09, "padim": -0.06}, 0.0, 0.01)
-    assert cheap.verdict == "partly" and "PaDiM on its categories +1.0" in cheap.measured
+    # costs little, but PaDiM gains more when pooled: one part of two
+    cheap = scorecard.unified_claim({"ensemble": -0.09, "padim": 0.01}, 0.0)
+    assert cheap.verdict == "partly" and "PaDiM +1.0; compute-matched diffusion model +0.0" in cheap.measured
     assert scorecard.unified_claim({"ensemble": -0.04, "padim": -0.01}, None).verdict == "not replicated"
 
 

@@ -76,27 +76,12 @@ def unified_overrides(preset: str | Preset) -> dict:
 
 def matched_unified_overrides(preset: str | Preset, categories: list[str]) -> dict:
     """Overrides for a unified model of ``categories`` trained with as many steps as their
-    single-category models together (each category's own steps, ``for_categories``): the
-    compute-matched counterpart of :func:`unified_overrides`."""
+    single-category models together (each category's own steps, ``for_categories``, so a
+    lengthened category brings its longer budget): the compute-matched counterpart of
+    :func:`unified_overrides`, trained on every category it is compared on (chapter 11b)."""
     preset = get_preset(preset)
     steps = sum(preset.for_categories(c).train_steps for c in categories)
     return {"class_cond": True, "train_steps": steps, "lr_anneal_steps": steps}
-
-
-# The compute-matched comparison's categories on the cpu preset: the three of the original study,
-# whose model ships (trained 1800 steps, about 22 minutes); the photographed objects came later,
-# and all seven categories together would be 4200 steps. Other presets: see matched_categories.
-MATCHED_CATEGORIES: dict[str, tuple[str, ...]] = {"cpu": ("brick", "capsule", "nut")}
-
-
-def matched_categories(preset: Preset, categories: list[str]) -> list[str]:
-    """The categories of the compute-matched unified model: those of ``categories`` that train
-    the preset's own number of steps (not lengthened by ``category_overrides``, which would make
-    the model several times longer), restricted to ``MATCHED_CATEGORIES`` where the preset has an entry."""
-    chosen = [c for c in categories if c not in preset.category_overrides]
-    if preset.name in MATCHED_CATEGORIES:
-        chosen = [c for c in chosen if c in MATCHED_CATEGORIES[preset.name]]
-    return chosen
 
 
 def rescored(model: TrainedModel, **scoring_fields) -> TrainedModel:
