@@ -69,6 +69,29 @@ def test_padim_row_and_backbone_ablation(tiny_data, tiny_preset):
         ablations.backbone_ablation([], ["tf_efficientnet_lite0"], tiny_preset)
 
 
+def test_backbone_ablation_rows_come_from_a_cache_one_row_at_a_time(tiny_data, tiny_preset, monkeypatch):
+    """With a cache, each (category, backbone) row is computed once: a later call for a subset
+    (one category) reads it, builds no extractor, and gives the same rows as without a cache."""
+    store, computed = {}, []
+
+    def cache(kind, parts, compute):
+        key = (kind, parts[0].category, parts[1])
+        if key not in store:
+            computed.append(key)
+            store[key] = compute()
+        return store[key]
+
+    rows = ablations.backbone_ablation(tiny_data, ["tf_efficientnet_lite0"], tiny_preset, device="cpu", cache=cache)
+    assert rows == ablations.backbone_ablation(tiny_data, ["tf_efficientnet_lite0"], tiny_preset, device="cpu")
+    assert computed == [("padim-row", "brick", "tf_efficientnet_lite0"), ("padim-row", "nut", "tf_efficientnet_lite0")]
+    monkeypatch.setattr(ablations, "backbone_extractor", lambda *a, **k: pytest.fail("built an extractor"))
+    again = ablations.backbone_ablation(tiny_data[1:], ["tf_efficientnet_lite0"], tiny_preset, device="cpu",
+                                        cache=cache)
+    assert again == rows[1:] and len(computed) == 2
+    pooled = ablations.unified_padim_rows(tiny_data, tiny_preset, device="cpu", cache=lambda k, p, c: ("read", k))
+    assert pooled == ("read", "padim-pooled")
+
+
 def test_unified_padim_fits_once_on_pooled_images(tiny_data, tiny_preset):
     rows = ablations.unified_padim_rows(tiny_data, tiny_preset, device="cpu")
     assert [(r["category"], r["method"]) for r in rows] == [("brick", "padim"), ("nut", "padim")]

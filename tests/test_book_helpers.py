@@ -79,6 +79,33 @@ def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_mode
     assert book.scores_key(retrained, data) != key
 
 
+def test_result_cache_computes_once_per_data_preset_and_code(ctx, monkeypatch):
+    data = book.category_data(ctx, "brick")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [{"category": "brick", "pro": 0.5 + len(calls)}]
+
+    cache = book.result_cache(ctx)
+    first = cache("study", (data, "lite0", ctx.preset), compute)
+    assert cache("study", (data, "lite0", ctx.preset), compute) == first and len(calls) == 1
+    assert list((ctx.cache / "results").glob("study-*.pt"))  # kept for the next chapter
+    # anything that could change the result is another entry: an argument, a preset field, an
+    # image, the library's code
+    cache("study", (data, "lite1", ctx.preset), compute)
+    cache("study", (data, "lite0", ctx.preset.replace(top_k=7)), compute)
+    changed = copy.copy(data)
+    changed.test_images = data.test_images.clone()
+    changed.test_images[0, 0, 0, 0] += 0.5
+    cache("study", (changed, "lite0", ctx.preset), compute)
+    monkeypatch.setattr(book, "_LIBRARY_DIGEST", ["other code"])
+    cache("study", (data, "lite0", ctx.preset), compute)
+    assert len(calls) == 5
+    with pytest.raises(TypeError, match="cannot key a cached result by a object"):
+        cache("study", (object(),), compute)
+
+
 def test_drive_cache_falls_back_to_a_local_cache_off_colab(tmp_path, monkeypatch, capsys):
     # setup() exports the chosen cache as DIFFAD_CACHE; setting it through monkeypatch first makes
     # the teardown restore the variable as it was, so later tests and nbval's kernels (which

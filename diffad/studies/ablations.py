@@ -24,6 +24,7 @@ normalisation, smoothing, a subset of the scored timesteps). What this module ad
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import numpy as np
 import timm
@@ -134,32 +135,56 @@ def padim_row(data: CategoryData, extractor: FeatureExtractor, train_images: tor
     return {"backbone": extractor.name, "channels": extractor.out_channels, **row}, maps
 
 
+# A cache for results that several chapters compute: ``cache(kind, parts, compute)`` returns
+# ``compute()``, computed once per kind and parts (:func:`diffad.studies.book.result_cache`).
+ResultCache = Callable[[str, tuple, Callable[[], Any]], Any]
+
+
+def _cached(cache: ResultCache | None, kind: str, parts: tuple, compute: Callable[[], Any]) -> Any:
+    return compute() if cache is None else cache(kind, parts, compute)
+
+
 def backbone_ablation(datasets: list[CategoryData], backbones: list[str], preset: Preset,
-                      device=None) -> list[dict]:
-    """PaDiM's metrics with each backbone on each category (one extractor per backbone)."""
+                      device=None, cache: ResultCache | None = None) -> list[dict]:
+    """PaDiM's metrics with each backbone on each category (one extractor per backbone).
+
+    ``cache``: each (category, backbone) row is computed once and read from it after, so a
+    chapter that shows a subset of another's rows (one backbone, one category) fits nothing."""
     if not datasets or not backbones:
         raise ValueError("backbone_ablation needs at least one category and one backbone")
     device = pick_device(device)
     rows = []
     for backbone in backbones:
-        extractor = backbone_extractor(preset, backbone, device)
-        rows += [padim_row(data, extractor, device=device)[0] for data in datasets]
+        extractors: list[FeatureExtractor] = []  # built on the first row not in the cache
+
+        def row(data: CategoryData) -> dict:
+            if not extractors:
+                extractors.append(backbone_extractor(preset, backbone, device))
+            return padim_row(data, extractors[0], device=device)[0]
+
+        rows += [_cached(cache, "padim-row", (data, backbone, preset), lambda: row(data)) for data in datasets]
     return rows
 
 
-def unified_padim_rows(datasets: list[CategoryData], preset: Preset, device=None) -> list[dict]:
-    """PaDiM fitted once on every category's normal images pooled, evaluated per category."""
+def unified_padim_rows(datasets: list[CategoryData], preset: Preset, device=None,
+                       cache: ResultCache | None = None) -> list[dict]:
+    """PaDiM fitted once on every category's normal images pooled, evaluated per category
+    (computed once per set of categories where a ``cache`` is given)."""
     if not datasets:
         raise ValueError("unified_padim_rows needs at least one category")
     device = pick_device(device)
-    extractor = backbone_extractor(preset, None, device)
-    pooled = torch.cat([data.train_images for data in datasets])
-    padim = PaDiM(extractor=extractor, device=device).fit(pooled)
-    rows = []
-    for data in datasets:
-        maps, scores = padim.predict(data.test_images)
-        rows.append(metric_row(data.category, "padim", data.test_masks, maps, data.test_labels, scores))
-    return rows
+
+    def compute() -> list[dict]:
+        extractor = backbone_extractor(preset, None, device)
+        pooled = torch.cat([data.train_images for data in datasets])
+        padim = PaDiM(extractor=extractor, device=device).fit(pooled)
+        rows = []
+        for data in datasets:
+            maps, scores = padim.predict(data.test_images)
+            rows.append(metric_row(data.category, "padim", data.test_masks, maps, data.test_labels, scores))
+        return rows
+
+    return _cached(cache, "padim-pooled", (list(datasets), preset), compute)
 
 
 def backbone_options(patterns: tuple[str, ...] = BACKBONE_PATTERNS) -> list[tuple[str, str]]:

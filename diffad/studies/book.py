@@ -559,6 +559,69 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
     return result
 
 
+def _digest(digest, part) -> None:
+    """Feed ``part`` into ``digest`` by value: numbers, strings, tensors (dtype, shape, bytes),
+    presets (every field), a category's data (every split), and lists, tuples and dicts of them.
+    Anything else is an error, never a key that might miss what changes a result."""
+    if part is None or isinstance(part, (bool, int, float, str)):
+        digest.update(f"{type(part).__name__}:{part!r};".encode())
+    elif isinstance(part, torch.Tensor):
+        tensor = part.detach().cpu().contiguous()
+        digest.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(part, Preset):
+        digest.update(f"preset:{settings_hash(part)};".encode())
+    elif isinstance(part, CategoryData):
+        _digest(digest, [getattr(part, f.name) for f in dataclasses.fields(part)])
+    elif isinstance(part, (list, tuple)):
+        digest.update(f"{type(part).__name__}[{len(part)}];".encode())
+        for item in part:
+            _digest(digest, item)
+    elif isinstance(part, dict):
+        _digest(digest, sorted(part.items()))
+    else:
+        raise TypeError(f"cannot key a cached result by a {type(part).__name__}")
+
+
+_LIBRARY_DIGEST: list[str] = []
+
+
+def library_digest() -> str:
+    """A fingerprint of diffad's own source and of the torch and timm versions: a cached result
+    (:func:`result_cache`) is keyed by it, so a change to the code that made it is never read past."""
+    if not _LIBRARY_DIGEST:
+        import timm
+
+        digest = hashlib.sha1(f"torch {torch.__version__}, timm {timm.__version__}".encode())
+        package = Path(__file__).resolve().parents[1]
+        for path in sorted(package.rglob("*.py")):
+            digest.update(str(path.relative_to(package)).encode())
+            digest.update(path.read_bytes())
+        _LIBRARY_DIGEST.append(digest.hexdigest()[:16])
+    return _LIBRARY_DIGEST[0]
+
+
+def result_cache(ctx: Context):
+    """A cache for results that several chapters compute, in ``<cache>/results``:
+    ``cache(kind, parts, compute)`` returns ``compute()``, computed once per kind, parts (data,
+    presets, names, tensors: :func:`_digest`), device type and diffad's code
+    (:func:`library_digest`), and read from the cache after. Pass it where a study takes one
+    (``ablations.backbone_ablation(..., cache=book.result_cache(ctx))``)."""
+
+    def cache(kind: str, parts: tuple, compute):
+        digest = hashlib.sha1(f"{kind};{pick_device(ctx.device).type};{library_digest()};".encode())
+        _digest(digest, parts)
+        path = ctx.cache / "results" / f"{kind}-{digest.hexdigest()[:16]}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
+        result = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(result, path)
+        return result
+
+    return cache
+
+
 # ---------------------------------------------------------------- the repository's one URL
 
 # The GitHub repository of the book: _config.yml's `repository.url` (Jupyter Book derives the
