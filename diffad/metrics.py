@@ -403,17 +403,16 @@ class ImageBootstrap:
         inv_size[1:] = 1.0 / sizes[1:]
         shape = (self.n_groups, self.n_images)  # score groups x images: rows slice cheaply
         normal, defect = region == 0, region > 0
-        self._normal_entries = (group[normal], image[normal])  # one per normal pixel, weight 1
-        self._overlap_entries = (group[defect], image[defect], inv_size[region[defect]])
-        self.group_normal = sparse.csr_matrix((np.ones(normal.sum()), self._normal_entries), shape=shape)
-        self.group_overlap = sparse.csr_matrix((self._overlap_entries[2], self._overlap_entries[:2]),
-                                               shape=shape)
+        normal_entries = (group[normal], image[normal])  # one per normal pixel, weight 1
+        overlap_entries = (group[defect], image[defect], inv_size[region[defect]])
+        self.group_normal = sparse.csr_matrix((np.ones(normal.sum()), normal_entries), shape=shape)
+        self.group_overlap = sparse.csr_matrix((overlap_entries[2], overlap_entries[:2]), shape=shape)
         region_image = np.zeros(len(sizes), dtype=np.int64)
         region_image[regions.reshape(-1)] = owner.reshape(-1)
         self.regions_per_image = np.bincount(region_image[1:], minlength=self.n_images).astype(float)
-        self._block_setup()
+        self._block_setup(normal_entries, overlap_entries)
 
-    def _block_setup(self) -> None:
+    def _block_setup(self, normal_entries, overlap_entries) -> None:
         """Cut the score groups into at most ``PRO_MAX_BLOCKS`` blocks and sum what a draw needs at
         each block's start: the normal pixels and the overlap above it, per image, and the area
         under the curve so far as a quadratic form in the weights.
@@ -432,8 +431,8 @@ class ImageBootstrap:
         size = max(PRO_MIN_BLOCK, -(-groups // PRO_MAX_BLOCKS))
         self.block_starts = np.arange(0, groups, size)
         self.block_size, blocks = size, len(self.block_starts)
-        normal_group, normal_image = self._normal_entries
-        overlap_group, overlap_image, overlap = self._overlap_entries
+        normal_group, normal_image = normal_entries  # (score group, image) of each normal pixel
+        overlap_group, overlap_image, overlap = overlap_entries  # and of each defect pixel, with 1 / region size
 
         def before_blocks(group, image, weight):  # (blocks + 1, n): the sums over groups before each block
             sums = np.bincount(group // size * n + image, weight, blocks * n).reshape(blocks, n)
