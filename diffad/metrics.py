@@ -25,7 +25,7 @@ This module imports nothing else from diffad.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
 from sklearn.metrics import roc_auc_score
 
 __all__ = [
@@ -381,8 +381,6 @@ class ImageBootstrap:
         self._pro_setup(regions, flat, owner, normal_by_image)
 
     def _pro_setup(self, region_labels, flat, owner, normal_by_image) -> None:
-        from scipy import sparse
-
         regions, sizes = region_labels
         # below the lowest score at which some image's own FPR is still within the limit, every
         # draw's FPR is past it: those scores never reach the integral (one more kept to interpolate)
@@ -446,8 +444,6 @@ class ImageBootstrap:
             groups_i = normal_group[normal_image == i]  # ascending: the groups follow the scores
             halfway[:, i] = 0.5 * (np.searchsorted(groups_i, overlap_group, "left")
                                    + np.searchsorted(groups_i, overlap_group, "right"))
-        from scipy import sparse
-
         slot = overlap_group // size * n + overlap_image  # (block, image j) of each defect pixel
         owner = sparse.csr_matrix((overlap, (slot, np.arange(len(slot)))), shape=(blocks * n, len(slot)))
         within = np.asarray(owner @ halfway).reshape(blocks, n, n).transpose(0, 2, 1)  # [block, i, j]
