@@ -75,7 +75,7 @@ class CategoryData:
         test = MVTecAD(data_root, category, split="test", mask_rule=preset.mask_rule, **common)
         test_images, test_masks, test_labels = test.stack()
         return cls(category, train.stack()[0], val.stack()[0], test_images, test_masks[:, 0], test_labels,
-                   [test[i]["defect_type"] for i in range(len(test))])
+                   [sample.defect_type for sample in test.samples])
 
 
 PRO_IMPLEMENTATIONS = {"exact": pro, "authors": pro_authors}

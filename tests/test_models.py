@@ -24,7 +24,7 @@ from diffad.models import (
     timestep_embedding,
     unet_config,
 )
-from diffad.models.unet import GroupNorm32, QKVAttention, QKVAttentionLegacy
+from diffad.models.unet import GroupNorm32, QKVAttention, QKVAttentionLegacy, upsample_nearest_2x
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -507,3 +507,24 @@ def test_download_from_a_loopback_server_then_load(tmp_path, monkeypatch):
     assert path.read_bytes() == (served / "file.pt").read_bytes()
     report = load_guided_diffusion_checkpoint(tiny(num_classes=15), path)
     assert report["skipped"] == ["label_emb.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 32, 16, 16), (2, 3, 5, 7)])
+def test_upsampling_equals_interpolate_in_values_and_gradients_to_the_bit(dtype, shape):
+    """The UNet's fast 2x upsampling is F.interpolate's nearest mode, forward and backward, so a
+    trained model's weights do not move."""
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], generator=generator).to(dtype)
+    expected = F.interpolate(x, scale_factor=2, mode="nearest")
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    got = upsample_nearest_2x(x)
+    (got_grad,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad)
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last)
+    assert torch.equal(upsample_nearest_2x(channels_last), F.interpolate(channels_last, scale_factor=2, mode="nearest"))
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        upsample_nearest_2x(x.detach()[0])
