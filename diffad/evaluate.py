@@ -137,13 +137,19 @@ class CategoryResult:
 
 
 def score_category(model: TrainedModel, data: CategoryData, seed: int = 0, device=None,
-                   progress: bool = False) -> tuple[RawMaps, RawMaps]:
-    """Raw per-timestep maps of the test images and of the normal validation images."""
+                   progress: bool = False, known: tuple[RawMaps, RawMaps] | None = None) -> tuple[RawMaps, RawMaps]:
+    """Raw per-timestep maps of the test images and of the normal validation images.
+
+    ``known``: this category's test and validation maps at the first of the preset's timesteps
+    (a narrower scoring of the same model), which are copied instead of scored again (``score_raw``).
+    """
     extractor = build_feature_extractor(model.preset, device)
     category = data.category if model.num_classes else None
+    known_test, known_val = known if known is not None else (None, None)
     raw_test = score_raw(model, data.test_images, category, seed=seed, device=device, extractor=extractor,
-                         progress=progress)
-    raw_val = score_raw(model, data.val_images, category, seed=seed + 1, device=device, extractor=extractor)
+                         progress=progress, known=known_test)
+    raw_val = score_raw(model, data.val_images, category, seed=seed + 1, device=device, extractor=extractor,
+                        known=known_val)
     return raw_test, raw_val
 
 
@@ -189,10 +195,18 @@ def baseline_rows(data: CategoryData, preset: Preset, device=None,
 
 
 def evaluate_category(model: TrainedModel, data_root, category: str, baselines: bool = True, seed: int = 0,
-                      device=None, progress: bool = False, intervals: int = BOOTSTRAP_RESAMPLES) -> CategoryResult:
-    """All methods' metrics on one category's test split, with ``intervals`` bootstrap resamples."""
+                      device=None, progress: bool = False, intervals: int = BOOTSTRAP_RESAMPLES,
+                      scorer=None) -> CategoryResult:
+    """All methods' metrics on one category's test split, with ``intervals`` bootstrap resamples.
+
+    ``scorer(model, data, seed)`` returns the raw test and validation maps instead of
+    :func:`score_category` (the book passes its cache of scored maps, ``book.scorer``).
+    """
     data = CategoryData.load(data_root, category, model.preset)
-    raw_test, raw_val = score_category(model, data, seed, device, progress)
+    if scorer is None:
+        raw_test, raw_val = score_category(model, data, seed, device, progress)
+    else:
+        raw_test, raw_val = scorer(model, data, seed)
     rows, maps, scores = diffusion_rows(data, raw_test, raw_val, model.preset, intervals=intervals)
     if baselines:
         b_rows, b_maps, b_scores = baseline_rows(data, model.preset, device, intervals=intervals)
@@ -330,11 +344,13 @@ def table1_markdown(rows: list[dict], paper: dict | None = None, mvtec: bool = T
 
 def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list[str] | None = None,
               baselines: bool = True, figures: bool = True, device=None, progress: bool = True,
-              model_loader=None, intervals: int = BOOTSTRAP_RESAMPLES, **overrides) -> list[dict]:
+              model_loader=None, intervals: int = BOOTSTRAP_RESAMPLES, scorer=None, **overrides) -> list[dict]:
     """Train (or load) and evaluate every category under ``data_root``; write the results.
 
     Models train into ``<out>/<category>/model`` unless ``model_loader(category)`` supplies them
-    (the book passes its cache of trained models). A category already recorded is read back,
+    (the book passes its cache of trained models), and ``scorer(model, data, seed)`` computes the
+    raw maps instead of :func:`score_category` (the book passes its cache of scored maps, so maps
+    another chapter scored are read, not scored again). A category already recorded is read back,
     and only the baselines it lacks are run (:func:`complete_baselines`).
     Writes ``<out>/results.csv`` (category, method, pixel_auroc, pro, image_auroc and their 95%
     bootstrap intervals ``pixel_auroc_lo``, ``pixel_auroc_hi``, ...), ``<out>/table1.md``,
@@ -371,7 +387,7 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
         desc = f"categories of rank 0 (of {world})" if spread else "categories"
         for category in tqdm(mine, desc=desc, disable=not shown):
             all_rows += _reproduce_category(data_root, out_dir, category, preset, baselines, figures, device, shown,
-                                            model_loader, intervals)
+                                            model_loader, intervals, scorer)
             if progress and rank != 0:
                 print(f"[rank {rank}] {category} done", flush=True)
         if spread:
@@ -396,7 +412,8 @@ def reproduce(data_root, out_dir, preset: str | Preset = "cpu", categories: list
 
 
 def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: Preset, baselines: bool,
-                        figures: bool, device, progress: bool, model_loader, intervals: int) -> list[dict]:
+                        figures: bool, device, progress: bool, model_loader, intervals: int,
+                        scorer=None) -> list[dict]:
     """One category of :func:`reproduce`: its recorded rows, or train, evaluate and record it."""
     folder = out_dir / category
     done = folder / "metrics.json"
@@ -410,7 +427,7 @@ def _reproduce_category(data_root: Path, out_dir: Path, category: str, preset: P
     else:
         model = fit(data_root, category, folder / "model", preset, device=device, progress=progress, ddp=False)
     result = evaluate_category(model, data_root, category, baselines=baselines, seed=preset.seed,
-                               device=device, progress=progress, intervals=intervals)
+                               device=device, progress=progress, intervals=intervals, scorer=scorer)
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(folder / "maps.npz", **_saved_arrays(result.maps, result.scores),
                         labels=result.extra["data"].test_labels.numpy(),

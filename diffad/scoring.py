@@ -156,6 +156,7 @@ def score_raw(
     extractor=None,
     progress: bool = False,
     noise_indices=None,
+    known: RawMaps | None = None,
 ) -> RawMaps:
     """KL, RGB and feature maps of ``images`` (N, 3, H, W) in [0, 1] at each test timestep.
 
@@ -164,6 +165,11 @@ def score_raw(
     Image i's noise is drawn from (``seed``, i); ``noise_indices`` (one int per image) replaces i, e.g.
     all zeros so that an image's maps do not depend on the other images scored with it
     (:mod:`diffad.detector`).
+
+    ``known``: maps of the same images, model, seed and batching at the first timesteps of
+    ``t_indices`` (a narrower scoring), copied instead of computed: the pass at the j-th timestep
+    draws the j-th of an image's noises, which do not depend on how many follow, so only the new
+    timesteps cost UNet passes and the maps are those of a scoring from scratch.
     """
     preset = model.preset
     timesteps = tuple(preset.test_timesteps if t_indices is None else t_indices)
@@ -189,6 +195,9 @@ def score_raw(
     n, _, h, w = images.shape
     k = len(timesteps)
     out = {kind: torch.empty(n, k, h, w) for kind in MAP_TYPES}
+    done = _copy_known(known, out, timesteps, seed, images.shape[1:])
+    if done == k:
+        return RawMaps(timesteps, out["kl"], out["rgb"], out["feature"])
     for start in tqdm(range(0, n, batch_size), desc="score", disable=not progress, leave=False):
         x0 = to_diffusion_range(images[start:start + batch_size]).to(device)
         b = x0.shape[0]
@@ -197,8 +206,12 @@ def score_raw(
         target = model.feature_target(extractor(x0, grid=(grid, grid)) if grid else extractor(x0))
         label = model.unet_kwargs(category, b, device)
         for j, t_index in enumerate(timesteps):
+            if j < done:
+                continue
             one = OnePass(model, diffusion, x0, t_index, noise[j], category, feature_grid=grid)
-            if mode == "authors":  # the official code's feature branch: raw index as timestep
+            # the official code's feature branch: raw index as timestep (the same pass, and the
+            # same features, where no respacing maps the index to another step)
+            if mode == "authors" and not torch.equal(diffusion.model_timesteps(one.t), one.t):
                 one.features = unet(one.x_t, one.t, return_features=True, feature_grid=grid, **label)[1].float()
             feature_error = one.feature_error(target)
             kl = one.kl()
@@ -209,6 +222,27 @@ def score_raw(
             out["feature"][start:start + b, j] = F.interpolate(
                 feature_error, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu()
     return RawMaps(timesteps, out["kl"], out["rgb"], out["feature"])
+
+
+def _copy_known(known: RawMaps | None, out: dict, timesteps: tuple, seed: int, image_shape) -> int:
+    """Copy the maps ``known`` holds at the first timesteps of a scoring into ``out`` (``score_raw``'s
+    (N, K, H, W) maps) and return how many; an error when they cannot be this scoring's maps."""
+    if known is None:
+        return 0
+    done = len(known.timesteps)
+    if tuple(known.timesteps) != tuple(timesteps[:done]):
+        raise ValueError(f"known maps at timesteps {list(known.timesteps)} are not the first timesteps of "
+                         f"{list(timesteps)}")
+    n, _, h, w = out["kl"].shape
+    if tuple(known.kl.shape) != (n, done, h, w):
+        raise ValueError(f"known maps have shape {tuple(known.kl.shape)}, not {(n, done, h, w)} for these images")
+    # torch draws an image's noises as one tensor: check that the first ``done`` of more are the same
+    if done and not torch.equal(_noise_for(0, seed, image_shape, len(timesteps))[:done],
+                                _noise_for(0, seed, image_shape, done)):
+        return 0  # this torch fills a longer draw differently: score every timestep
+    for kind in MAP_TYPES:
+        out[kind][:, :done] = known.get(kind)
+    return done
 
 
 @dataclass

@@ -79,6 +79,44 @@ def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_mode
     assert book.scores_key(retrained, data) != key
 
 
+def test_a_wider_scoring_scores_only_the_timesteps_a_cached_one_lacks(ctx, tiny_model, monkeypatch):
+    from diffad import evaluate
+
+    data = CategoryData.load(ctx.data_root, "brick", tiny_model.preset)
+    narrow = rescored(tiny_model, test_timesteps=(1, 4))
+    wide = rescored(tiny_model, test_timesteps=(1, 4, 9))
+    from_scratch = evaluate.score_category(wide, data)
+    narrow_maps = book.scored(ctx, narrow, data)
+    passed = []
+    score = evaluate.score_category
+    monkeypatch.setattr(book, "score_category", lambda *a, **k: passed.append(k.get("known")) or score(*a, **k))
+    wide_maps = book.scored(ctx, wide, data)
+    assert len(passed) == 1 and all(torch.equal(k.kl, n.kl) for k, n in zip(passed[0], narrow_maps))
+    for got, expected in zip(wide_maps, from_scratch):  # test and validation maps, to the bit
+        assert got.timesteps == (1, 4, 9)
+        for kind in ("kl", "rgb", "feature"):
+            assert torch.equal(got.get(kind), expected.get(kind))
+    # a scoring that is not a prefix (another first timestep) is scored from scratch
+    passed.clear()
+    book.scored(ctx, rescored(tiny_model, test_timesteps=(2, 4, 9)), data)
+    assert passed == [None]
+
+
+def test_reproduce_reads_the_books_scored_maps(ctx, tiny_model, monkeypatch):
+    from diffad import evaluate
+
+    calls = []
+    scorer = book.scorer(ctx)
+    rows = evaluate.reproduce(ctx.data_root, ctx.cache / "table", ctx.preset, categories=["brick"], baselines=False,
+                              figures=False, progress=False, intervals=0, model_loader=lambda c: tiny_model,
+                              scorer=lambda *a: calls.append(a) or scorer(*a))
+    assert len(calls) == 1 and len(list((ctx.cache / "scores").glob("*.pt"))) == 1
+    monkeypatch.setattr(evaluate, "score_raw", lambda *a, **k: pytest.fail("scored again"))
+    data = CategoryData.load(ctx.data_root, "brick", tiny_model.preset)
+    again = evaluate.diffusion_rows(data, *book.scored(ctx, tiny_model, data), tiny_model.preset)[0]
+    assert [r["pro"] for r in again] == [r["pro"] for r in rows]
+
+
 def test_result_cache_computes_once_per_data_preset_and_code(ctx, monkeypatch):
     data = book.category_data(ctx, "brick")
     calls = []

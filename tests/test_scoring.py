@@ -64,6 +64,38 @@ def test_authors_timestep_mode_spends_a_second_pass(tiny_model, test_images):
     assert not torch.allclose(consistent.feature, authors.feature)
 
 
+def test_authors_timestep_mode_without_respacing_reuses_the_pass(tiny_model, test_images):
+    """Unrespaced, the raw index is the model's timestep: the second pass would repeat the first."""
+    counting = CountingUNet(tiny_model.unet)
+    model = type(tiny_model)(tiny_model.preset.replace(timestep_respacing=""), tiny_model.categories, counting,
+                             tiny_model.feature_channels)
+    consistent = score_raw(model, test_images[0][:2], t_indices=(5, 20), timestep_mode="consistent")
+    authors = score_raw(model, test_images[0][:2], t_indices=(5, 20), timestep_mode="authors")
+    assert counting.calls == 2 + 2
+    for kind in MAP_TYPES:
+        assert torch.equal(consistent.get(kind), authors.get(kind))
+
+
+def test_known_maps_of_the_first_timesteps_are_copied_and_the_rest_scored(tiny_model, test_images):
+    images = test_images[0]
+    counting = CountingUNet(tiny_model.unet)
+    model = type(tiny_model)(tiny_model.preset, tiny_model.categories, counting, tiny_model.feature_channels)
+    wide = score_raw(model, images, t_indices=(1, 4, 9, 30), batch_size=4, seed=3)
+    narrow = score_raw(model, images, t_indices=(1, 4), batch_size=4, seed=3)
+    counting.calls = 0
+    extended = score_raw(model, images, t_indices=(1, 4, 9, 30), batch_size=4, seed=3, known=narrow)
+    assert counting.calls == 2 * 2  # the two new timesteps x 2 batches
+    assert extended.timesteps == (1, 4, 9, 30)
+    for kind in MAP_TYPES:  # the maps of a scoring from scratch, to the bit
+        assert torch.equal(extended.get(kind), wide.get(kind))
+        assert torch.equal(narrow.get(kind), wide.get(kind)[:, :2])
+    assert torch.equal(score_raw(model, images, t_indices=(1, 4), seed=3, known=narrow).kl, narrow.kl)
+    with pytest.raises(ValueError, match="not the first timesteps"):
+        score_raw(model, images, t_indices=(4, 9), seed=3, known=narrow)
+    with pytest.raises(ValueError, match="shape"):
+        score_raw(model, images[:3], t_indices=(1, 4, 9), seed=3, known=narrow)
+
+
 def _raw(n=4, k=2, h=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return RawMaps(tuple(range(k)), *(torch.rand(n, k, h, h, generator=g) for _ in MAP_TYPES))

@@ -553,10 +553,35 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
     path = ctx.cache / "scores" / f"{name}-{data.category}-{scores_key(model, data, seed)}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
-    result = score_category(model, data, seed=seed, device=ctx.device)
+    result = score_category(model, data, seed=seed, device=ctx.device, known=_narrower_scoring(ctx, model, data, seed))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(result, path)
     return result
+
+
+def _narrower_scoring(ctx: Context, model: TrainedModel, data: CategoryData,
+                      seed: int) -> tuple[RawMaps, RawMaps] | None:
+    """The cached maps of this model and data at the longest proper prefix of its test timesteps
+    (chapter 7b's three, say, under a scoring at six), or None: ``score_category`` scores only
+    the timesteps they lack."""
+    timesteps = tuple(model.preset.test_timesteps)
+    name = "+".join(model.categories)
+    for size in range(len(timesteps) - 1, 0, -1):
+        narrow = dataclasses.replace(model, preset=model.preset.replace(test_timesteps=timesteps[:size]))
+        path = ctx.cache / "scores" / f"{name}-{data.category}-{scores_key(narrow, data, seed)}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=False)
+    return None
+
+
+def scorer(ctx: Context):
+    """A ``scorer`` for ``evaluate.reproduce``: raw maps through :func:`scored`, so a category
+    another chapter scored with the same weights, images and settings is read from the cache."""
+
+    def score(model: TrainedModel, data: CategoryData, seed: int = 0) -> tuple[RawMaps, RawMaps]:
+        return scored(ctx, model, data, seed)
+
+    return score
 
 
 def _digest(digest, part) -> None:
