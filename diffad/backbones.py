@@ -29,6 +29,7 @@ itself also loads here by position: ``weights_path="efficientnet-b4-6ed6700e.pth
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -515,16 +516,42 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"image {height}x{width} is smaller than grid_stride={self.grid_stride}")
         return grid
 
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The backbone's stage maps of a prepared batch, read back inside :meth:`reusing_passes`
+        when the same batch was passed before."""
+        memo = getattr(self, "_memo", None)
+        if memo is None or (torch.is_grad_enabled() and x.requires_grad):
+            return list(self.model(x))
+        key = (x.dtype, tuple(x.shape), hashlib.sha1(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                                                     .numpy().tobytes()).hexdigest())
+        if key not in memo:
+            memo[key] = [m.detach() for m in self.model(x)]
+        return list(memo[key])
+
+    @contextlib.contextmanager
+    def reusing_passes(self):
+        """Within this block a batch the backbone has seen is not passed again: its stage maps are
+        kept (by the batch's bytes) and read back, the same tensors. For several methods fitted on
+        the same images (``evaluate.baseline_rows``: SPADE, PaDiM and PatchCore share one
+        extractor and one batch size). The maps are freed when the block ends; the callers must not
+        change them in place."""
+        outer = getattr(self, "_memo", None)
+        self._memo = {} if outer is None else outer
+        try:
+            yield self
+        finally:
+            self._memo = outer
+
     def stage_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The raw stage maps (each at its own stride) for images in [-1, 1]."""
-        return list(self.model(self._prepare(images)))
+        return self._stages(self._prepare(images))
 
     def forward(self, images: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, out_channels, *output_grid(H, W)), or on ``grid`` (each stage
         resized to it directly, as the authors' code builds its 16x16 test targets)."""
         x = self._prepare(images)
         grid = self.output_grid(*images.shape[-2:]) if grid is None else tuple(grid)
-        maps = self.model(x)
+        maps = self._stages(x)
         resized = [
             m if tuple(m.shape[-2:]) == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
             for m in maps

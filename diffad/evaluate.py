@@ -185,12 +185,13 @@ def baseline_rows(data: CategoryData, preset: Preset, device=None,
     specs = [method_registry.get(name) for name in (method_registry.names() if methods is None else methods)]
     rows, maps, scores = [], {}, {}
     extractor = build_feature_extractor(preset, device)
-    for spec in specs:
-        name, method = spec.name, spec.build(preset, extractor, device)
-        method.fit(data.train_images)
-        maps[name], scores[name] = method.predict(data.test_images)
-        rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels, scores[name],
-                               preset.pro_implementation, intervals, preset.seed))
+    with extractor.reusing_passes():  # the methods after the first read the backbone's maps
+        for spec in specs:
+            name, method = spec.name, spec.build(preset, extractor, device)
+            method.fit(data.train_images)
+            maps[name], scores[name] = method.predict(data.test_images)
+            rows.append(metric_row(data.category, name, data.test_masks, maps[name], data.test_labels,
+                                   scores[name], preset.pro_implementation, intervals, preset.seed))
     return rows, maps, scores
 
 

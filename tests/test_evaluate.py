@@ -33,6 +33,36 @@ def test_evaluate_category_reports_every_method(tiny_model, tiny_builtin):
     assert result.maps["patchcore"].shape == (n, 32, 32) and result.scores["patchcore"].shape == (n,)
 
 
+def test_the_baselines_share_the_backbones_passes_and_get_the_same_maps(tiny_builtin, tiny_preset, monkeypatch):
+    import torch
+
+    from diffad import backbones
+    from diffad.evaluate import CategoryData, baseline_rows
+
+    data = CategoryData.load(tiny_builtin, "brick", tiny_preset)
+    alone = {}
+    for name in ("spade", "padim", "patchcore"):  # each method with an extractor of its own
+        rows, maps, scores = baseline_rows(data, tiny_preset, "cpu", (name,))
+        alone[name] = (rows[0], maps[name], scores[name])
+    counted = []  # per backbone call: whether it passed the batch through the network
+    original = backbones.FeatureExtractor._stages
+
+    def counting(self, x):
+        before = len(getattr(self, "_memo", None) or {})
+        out = original(self, x)
+        counted.append(len(getattr(self, "_memo", None) or {}) > before)
+        return out
+
+    monkeypatch.setattr(backbones.FeatureExtractor, "_stages", counting)
+    rows, maps, scores = baseline_rows(data, tiny_preset, "cpu")
+    batches = len(counted) // 3  # three methods, the same batches each: fit on train, predict on test
+    assert sum(counted) == batches  # only the first method passed them through the backbone
+    for row in rows:
+        name = row["method"]
+        assert row == alone[name][0]
+        assert torch.equal(maps[name], alone[name][1]) and torch.equal(scores[name], alone[name][2])
+
+
 def test_reproduce_writes_results_and_resumes(tiny_builtin, tmp_path):
     rows = reproduce(tiny_builtin, tmp_path, "cpu", categories=["brick", "nut"], progress=False, **TINY_OVERRIDES)
     with open(tmp_path / "results.csv") as handle:
