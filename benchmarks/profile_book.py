@@ -1,6 +1,8 @@
 """Where a clean build of the book spends its time: chapter by chapter and by kind of work.
 
     python benchmarks/profile_book.py [CHAPTER ...] [--cache DIR] [--json OUT] [--interval 0.02]
+    python benchmarks/profile_book.py --compare BEFORE.json AFTER.json
+
 
 Runs each chapter's code cells in order, in this process (an IPython shell, as a kernel would,
 with a fresh namespace per chapter and the working directory ``book/``), against an empty cache
@@ -9,7 +11,8 @@ unchanged rebuild). A sampling thread reads the main thread's stack every ``--in
 and files the sample under one kind of work (``KINDS``): training, data building and the
 bootstrap are filed by their outermost frame (a training step's UNet pass is training); the other
 kinds by the innermost frame that names one (a PaDiM fit's backbone pass is a backbone pass).
-Prints a table of seconds per chapter and kind, and writes it as JSON for a before/after ratio.
+Prints a table of seconds per chapter and kind, and writes it as JSON for a before/after ratio;
+``--compare`` prints that ratio (after / before) from two such files, by chapter and by kind.
 Whole-process figures (min/median/max over runs) come from timing ``jupyter-book build .``.
 """
 
@@ -126,13 +129,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(before: float, after: float) -> str:
+    return f"{after / before:.2f}" if before >= 0.5 else "-"
+
+
+def compare(before: list[dict], after: list[dict]) -> str:
+    """Seconds before and after, and their ratio, by chapter and by kind of work (two profiles
+    measured on the same machine): markdown."""
+    old = {r["chapter"]: r for r in before}
+    lines = ["| chapter | before s | after s | after / before |", "|---|---|---|---|"]
+    for r in after:
+        was = old.get(r["chapter"], {}).get("wall_s", 0.0)
+        lines.append(f"| {r['chapter']} | {was:.0f} | {r['wall_s']:.0f} | {_ratio(was, r['wall_s'])} |")
+    total_before = sum(old[r["chapter"]]["wall_s"] for r in after if r["chapter"] in old)
+    total_after = sum(r["wall_s"] for r in after)
+    lines.append(f"| total | {total_before:.0f} | {total_after:.0f} | {_ratio(total_before, total_after)} |")
+    lines += ["", "| kind of work | before s | after s | after / before |", "|---|---|---|---|"]
+    for kind in KINDS:
+        was = sum(r["kinds"].get(kind, 0) for r in before)
+        now = sum(r["kinds"].get(kind, 0) for r in after)
+        if max(was, now) >= 0.5:
+            lines.append(f"| {kind} | {was:.0f} | {now:.0f} | {_ratio(was, now)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("chapters", nargs="*", help="e.g. 10_table1 (default: every chapter in _toc.yml)")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="print after/before ratios from two --json files, and profile nothing")
     parser.add_argument("--cache", help="the book's cache folder (default: a new, empty one)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--interval", type=float, default=0.02)
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(path).read_text())["rows"] for path in args.compare)
+        print(compare(before, after))
+        return
 
     sys.path.insert(0, str(ROOT))  # this checkout's diffad, installed or not
     from diffad.studies.book import chapters
