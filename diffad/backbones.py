@@ -520,7 +520,7 @@ class FeatureExtractor(nn.Module):
         """The backbone's stage maps of a prepared batch, read back inside :meth:`reusing_passes`
         when the same batch was passed before."""
         memo = getattr(self, "_memo", None)
-        if memo is None or (torch.is_grad_enabled() and x.requires_grad):
+        if memo is None or torch.is_grad_enabled():  # a pass that gradients flow through is never kept
             return list(self.model(x))
         key = (x.dtype, tuple(x.shape), hashlib.sha1(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                                                      .numpy().tobytes()).hexdigest())

@@ -15,6 +15,7 @@ the book does not retrain them (``python -m diffad train`` reproduces each one; 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -549,8 +550,7 @@ def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:
 
 def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0) -> tuple[RawMaps, RawMaps]:
     """Raw test and validation maps of a category, computed once per weights and raw-map settings, cached."""
-    name = "+".join(model.categories)
-    path = ctx.cache / "scores" / f"{name}-{data.category}-{scores_key(model, data, seed)}.pt"
+    path = _scores_path(ctx, model, data, seed)
     if path.is_file():
         return torch.load(path, weights_only=False)
     result = score_category(model, data, seed=seed, device=ctx.device, known=_narrower_scoring(ctx, model, data, seed))
@@ -559,16 +559,19 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
     return result
 
 
+def _scores_path(ctx: Context, model: TrainedModel, data: CategoryData, seed: int) -> Path:
+    return ctx.cache / "scores" / f"{'+'.join(model.categories)}-{data.category}-{scores_key(model, data, seed)}.pt"
+
+
 def _narrower_scoring(ctx: Context, model: TrainedModel, data: CategoryData,
                       seed: int) -> tuple[RawMaps, RawMaps] | None:
     """The cached maps of this model and data at the longest proper prefix of its test timesteps
     (chapter 7b's three, say, under a scoring at six), or None: ``score_category`` scores only
     the timesteps they lack."""
     timesteps = tuple(model.preset.test_timesteps)
-    name = "+".join(model.categories)
     for size in range(len(timesteps) - 1, 0, -1):
-        narrow = dataclasses.replace(model, preset=model.preset.replace(test_timesteps=timesteps[:size]))
-        path = ctx.cache / "scores" / f"{name}-{data.category}-{scores_key(narrow, data, seed)}.pt"
+        narrow = model.scored_as(model.preset.replace(test_timesteps=timesteps[:size]))
+        path = _scores_path(ctx, narrow, data, seed)
         if path.is_file():
             return torch.load(path, weights_only=False)
     return None
@@ -577,11 +580,7 @@ def _narrower_scoring(ctx: Context, model: TrainedModel, data: CategoryData,
 def scorer(ctx: Context):
     """A ``scorer`` for ``evaluate.reproduce``: raw maps through :func:`scored`, so a category
     another chapter scored with the same weights, images and settings is read from the cache."""
-
-    def score(model: TrainedModel, data: CategoryData, seed: int = 0) -> tuple[RawMaps, RawMaps]:
-        return scored(ctx, model, data, seed)
-
-    return score
+    return functools.partial(scored, ctx)
 
 
 def _digest(digest, part) -> None:
