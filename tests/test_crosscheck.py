@@ -64,3 +64,31 @@ def test_bad_arguments_are_named(tmp_path):
     (tmp_path / "mine" / "nut").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="not made by make_crosscheck_dataset"):
         make_crosscheck_dataset(tmp_path / "mine", image_size=64, n_train=2, categories=["nut"])
+
+
+def whole_image_gaussian_line(size, points, widths):
+    """The painter's line weight computed over every pixel for every segment (the reference)."""
+    from diffad.data.scenes import grid
+
+    ys, xs = grid(size)
+    weight = np.zeros((size, size), np.float32)
+    for (ay, ax), (by, bx), width in zip(points[:-1], points[1:], widths):
+        vy, vx = by - ay, bx - ax
+        t = np.clip(((ys - ay) * vy + (xs - ax) * vx) / max(vy * vy + vx * vx, 1e-12), 0.0, 1.0)
+        distance = np.hypot(ys - ay - t * vy, xs - ax - t * vx)
+        sigma = max(width, 1.0) / 2 / np.sqrt(2 * np.log(2))
+        np.maximum(weight, np.exp(-0.5 * (distance / sigma) ** 2), out=weight)
+    return weight
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_line_weight_inside_each_segments_box_equals_the_whole_image_computation(seed):
+    from diffad.data.crosscheck import _gaussian_line
+
+    rng = np.random.default_rng(seed)
+    size = int(rng.choice([32, 64, 96]))
+    points = rng.uniform(-0.3 * size, 1.3 * size, (int(rng.integers(2, 12)), 2))  # some segments leave the image
+    widths = rng.uniform(0.5, 6.0, len(points) - 1) * size / 64
+    fast = _gaussian_line(size, points, widths)
+    assert np.array_equal(fast, whole_image_gaussian_line(size, points, widths))
+    assert fast.max() > 0

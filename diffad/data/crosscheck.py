@@ -98,16 +98,30 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3 - 2 * x)
 
 
+# Beyond this many sigmas from a path, its weight exp(-d^2 / 2 sigma^2) < 1e-48 rounds to 0 in float32.
+LINE_REACH_SIGMAS = 15.0
+
+
 def _gaussian_line(size: int, points: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    """Weight of a path with a Gaussian cross-section: 1 on the path, 0.5 at half the local width."""
+    """Weight of a path with a Gaussian cross-section: 1 on the path, 0.5 at half the local width.
+
+    Each segment is computed only inside its bounding box widened by ``LINE_REACH_SIGMAS``: the
+    pixels outside would add float32 zeros, so the weight is the same as over the whole image.
+    """
     ys, xs = grid(size)
     weight = np.zeros((size, size), np.float32)
     for (ay, ax), (by, bx), width in zip(points[:-1], points[1:], widths):
-        vy, vx = by - ay, bx - ax
-        t = np.clip(((ys - ay) * vy + (xs - ax) * vx) / max(vy * vy + vx * vx, 1e-12), 0.0, 1.0)
-        distance = np.hypot(ys - ay - t * vy, xs - ax - t * vx)
         sigma = max(width, 1.0) / 2 / np.sqrt(2 * np.log(2))  # full width at half maximum = width
-        np.maximum(weight, np.exp(-0.5 * (distance / sigma) ** 2), out=weight)
+        reach = LINE_REACH_SIGMAS * sigma
+        rows = slice(max(0, int(np.floor(min(ay, by) - reach))), max(0, int(np.ceil(max(ay, by) + reach)) + 1))
+        cols = slice(max(0, int(np.floor(min(ax, bx) - reach))), max(0, int(np.ceil(max(ax, bx) + reach)) + 1))
+        y, x, box = ys[rows, cols], xs[rows, cols], weight[rows, cols]  # views: box writes into weight
+        if box.size == 0:
+            continue
+        vy, vx = by - ay, bx - ax
+        t = np.clip(((y - ay) * vy + (x - ax) * vx) / max(vy * vy + vx * vx, 1e-12), 0.0, 1.0)
+        distance = np.hypot(y - ay - t * vy, x - ax - t * vx)
+        np.maximum(box, np.exp(-0.5 * (distance / sigma) ** 2), out=box)
     return weight
 
 
