@@ -1,24 +1,13 @@
-"""Shared test set-up: nothing may reach a model hub, plots render off-screen."""
-
-import os
+"""Shared test set-up: plots render off-screen; small datasets, presets and models. The
+repository's own conftest.py keeps every test off the model hub and orders the chapters."""
 
 import matplotlib
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # inherited by nbval's kernels too: no hub there either
 # Off-screen plots for this process only: an MPLBACKEND variable would reach nbval's kernels
 # and stop them from showing figures inline.
 matplotlib.use("Agg")
 
 import pytest
-
-
-def pytest_collection_modifyitems(config, items):
-    """Every notebook cell nbval collects is in the slow tier, like retraining and the book build;
-    tests marked ``after_chapters`` run last, after the chapters have filled book/cache."""
-    for item in items:
-        if str(item.fspath).endswith(".ipynb"):
-            item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.get_closest_marker("after_chapters") is not None)  # stable
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,11 @@ last bits of float32 arithmetic, which depend on the CPU's vector width, the thr
 the BLAS kernel chosen. Chapter 8 runs its short probe in float64 (``diffad.denoise``), which
 holds it to the printed digit; the long runs (chapter 8's trajectory, chapter 14's Fig. 7 row)
 outgrow even float64, and the chapters print what they conclude from them instead. This test
-runs both chapters under another configuration (one thread, AVX2 kernels for ATen, oneDNN and
-MKL), so an output that depends on the machine fails here and not on a newcomer's machine.
+runs both chapters under another configuration (another thread count, AVX2 kernels for ATen,
+oneDNN and MKL), so an output that depends on the machine fails here and not on a newcomer's machine.
 
-Slow (about 3 minutes on 2 cores). It runs after the chapters (``tests/conftest.py``), whose
-cache (book/cache: data, scored maps) it then reads instead of recomputing.
+Slow (about 3 minutes on 2 cores). It runs after the chapters, in their worker (``conftest.py``),
+and reads the cache they filled (book/cache: data, scored maps) instead of recomputing.
 """
 
 import os
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,11 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # Fig. 7 row).
 ITERATIVE_CHAPTERS = ("book/08_gradient_denoising.ipynb", "book/14_scorecard.ipynb")
 
-# Another machine, as far as one machine can play it: one thread instead of two, AVX2 kernels
-# instead of AVX-512 where the CPU has them (ATen's own and oneDNN's), MKL's AVX2 code path.
+
+def other_thread_count() -> str:
+    """A thread count other than the one the chapters ran with: the test command's workers run one
+    thread each on two cores (conftest.py), so two; one where the chapters ran with more."""
+    own = int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())
+    return "2" if own == 1 else "1"
+
+
+# Another machine, as far as one machine can play it: another thread count, AVX2 kernels instead
+# of AVX-512 where the CPU has them (ATen's own and oneDNN's), MKL's AVX2 code path.
 OTHER_MACHINE = {
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": other_thread_count(),
+    "MKL_NUM_THREADS": other_thread_count(),
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_CBWR": "AVX2,STRICT",
@@ -43,6 +52,6 @@ OTHER_MACHINE = {
 @pytest.mark.after_chapters
 def test_iterative_chapters_print_the_same_digits_on_another_configuration():
     env = {**os.environ, **OTHER_MACHINE}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ITERATIVE_CHAPTERS]
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *ITERATIVE_CHAPTERS]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"nbval under {OTHER_MACHINE}:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
