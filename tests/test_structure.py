@@ -33,7 +33,8 @@ def test_baselines_depend_only_on_backbones_data_and_helpers():
 
 
 def test_low_layers_import_nothing_above_them():
-    for module in ("diffad.metrics", "diffad.device", "diffad.io", "diffad.checks", "diffad.smoothing"):
+    for module in ("diffad.metrics", "diffad.device", "diffad.io", "diffad.checks", "diffad.smoothing",
+                   "diffad.process"):
         loaded = _modules_imported_by(module) - {"diffad", module}
         assert not loaded, (module, loaded)
 

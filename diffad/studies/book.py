@@ -51,6 +51,7 @@ from diffad.presets import (
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
 from diffad.io import atomic_save
+from diffad.process import skip_final_collection
 from diffad.models.denoiser import MODEL_NAME, TrainedModel
 from diffad.shipped import REPOSITORY_URL, find_shipped, manifest, shipped_file
 from diffad.train import fit
@@ -278,6 +279,7 @@ def setup(preset: str | Preset = "cpu", data_root=None, cache=None, device=None,
     on Drive, ``DIFFAD_SCRATCH`` (unless set) is the runtime's own disk: OpenAI's weights go there, and
     the checkpoints of a run that Drive cannot hold beside the finished models (``fit`` says so).
     """
+    skip_final_collection()  # the chapter's kernel shuts down ~2 s sooner (diffad.process)
     chosen, environment_overrides = environment_settings() if environment else (None, {})
     preset = get_preset(chosen or preset, **overrides)
     if environment_overrides:
