@@ -2,10 +2,12 @@
 
 The test command runs two pytest-xdist workers (``-n 2`` in pyproject.toml). The chapters run in
 order on one worker, followed by the tests that read the cache they fill; the other worker takes
-the unit tests as they come. Each worker gets its share of the cores as torch threads. Two
-processes with two threads each on two cores run slower than one after the other. Two processes
-with one thread each run faster than that: a UNet pass gains little from a second thread, and the
-rest of the work (Python, NumPy, kernel start-up) uses one.
+the unit tests as they come. Each worker gets its share of the cores as torch threads.
+
+Why one thread each on two cores: 20 cpu-preset UNet passes take 6.8 s with two threads and 10.6 s
+with one (a second thread gives 1.55x, not 2x). Two processes at once take 19.6 s each with two
+threads each (slower than 13.6 s one after the other) and 11.0 s each with one thread each. The
+rest of the work (Python, NumPy, kernel start-up) runs on one thread anyway.
 """
 
 import os
@@ -47,6 +49,7 @@ _share_the_cores()
 
 
 def is_chapter(item: pytest.Item) -> bool:
+    """Whether an item is a notebook cell that nbval collected from a chapter."""
     return str(item.fspath).endswith(".ipynb")
 
 

@@ -11,7 +11,7 @@ outgrow even float64, and the chapters print what they conclude from them instea
 runs both chapters under another configuration (another thread count, AVX2 kernels for ATen,
 oneDNN and MKL), so an output that depends on the machine fails here and not on a newcomer's machine.
 
-Slow (about 3 minutes on 2 cores). It runs after the chapters, in their worker (``conftest.py``),
+Slow (91 s in the test command on 2 cores). It runs after the chapters, in their worker (``conftest.py``),
 and reads the cache they filled (book/cache: data, scored maps) instead of recomputing.
 """
 
