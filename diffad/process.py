@@ -4,8 +4,8 @@ At exit CPython runs a full collection over every object it still tracks. After 
 (which imports torch._dynamo and sympy) and a chapter's work, that is a walk over millions of
 objects: a chapter kernel's shutdown took 2.4-2.5 s with it and 0.3-0.4 s without it (chapter 7
 under nbclient, 2 runs each; 18 chapters in a book build). Nothing needs that collection at exit:
-diffad closes (and fsyncs) what it writes when it writes it, and atexit handlers (IPython's
-history, tqdm) still run. :func:`skip_final_collection` moves every object out of the collector's
+diffad closes every file it writes as soon as it is written (checkpoints and cached results are
+also fsynced, :func:`diffad.io.atomic_save`), and atexit handlers (IPython's history, tqdm) still run. :func:`skip_final_collection` moves every object out of the collector's
 reach at exit (``gc.freeze``), so the interpreter ends without the walk. The chapters'
 ``book.setup`` and the ``diffad`` command call it; a library user's own program is left as it is.
 
