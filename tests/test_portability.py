@@ -39,9 +39,10 @@ def other_thread_count() -> str:
 
 # Another machine, as far as one machine can play it: another thread count, AVX2 kernels instead
 # of AVX-512 where the CPU has them (ATen's own and oneDNN's), MKL's AVX2 code path.
+OTHER_THREADS = other_thread_count()
 OTHER_MACHINE = {
-    "OMP_NUM_THREADS": other_thread_count(),
-    "MKL_NUM_THREADS": other_thread_count(),
+    "OMP_NUM_THREADS": OTHER_THREADS,
+    "MKL_NUM_THREADS": OTHER_THREADS,
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_CBWR": "AVX2,STRICT",
