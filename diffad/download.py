@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from diffad.io import exclusive
+
 __all__ = ["download_url", "file_hash", "DownloadError", "ChecksumError"]
 
 _USER_AGENT = "diffad-downloader/1.0 (+python urllib)"
@@ -195,10 +197,16 @@ def download_url(
     dest = Path(dest)
     if dest.is_file() and _verifies(dest, expected_size, sha256, md5):
         return dest
+    with exclusive(dest, f"downloading {url}"):  # two processes never append to one .part file
+        if dest.is_file() and _verifies(dest, expected_size, sha256, md5):  # downloaded meanwhile
+            return dest
+        return _download(url, dest, expected_size, sha256, md5, desc or dest.name, chunk_size, timeout, retries)
+
+
+def _download(url: str, dest: Path, expected_size: int | None, sha256: str | None, md5: str | None, desc: str,
+              chunk_size: int, timeout: float, retries: int) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    desc = desc or dest.name
-
     for attempt in range(retries + 1):
         try:
             _transfer(url, part, expected_size, desc, chunk_size, timeout)

@@ -6,22 +6,31 @@ before writing we check that the folder has room for the new copy (the old one s
 rename). Large files are read with ``mmap=True`` where torch can, so resuming a 2 GB checkpoint
 does not first copy it all into host memory.
 
+Several processes share one cache (two chapters open at once, the book built with its chapters in
+parallel, two ``diffad train`` runs into one folder): what one of them builds (a dataset, a model,
+scored maps) the others wait for and then read, through :func:`exclusive` and
+:func:`computed_once`.
+
 This module imports nothing else from diffad.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
+import filelock
 import torch
 
 __all__ = ["cache_dir", "scratch_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace",
-           "space_to_write", "free_disk_bytes"]
+           "space_to_write", "free_disk_bytes", "exclusive", "computed_once", "atomic_copy"]
 
 # torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
 _SAVE_OVERHEAD = 1.02
@@ -98,6 +107,84 @@ def atomic_save(obj, path: str | Path) -> Path:
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        raise
+    return path
+
+
+# One lock object per lock file in this process: filelock counts nested acquisitions of one object,
+# where a second object on the same file would wait for the first forever.
+_LOCKS: dict[str, filelock.FileLock] = {}
+T = TypeVar("T")
+
+
+def lock_file(path: str | Path) -> Path:
+    """The lock file that guards ``path``: in the machine's temporary folder (``diffad-locks/``, one
+    file per resolved path), so neither the cache nor an output folder fills with lock files, and
+    it works where the cache sits on a filesystem without locks (Google Drive on Colab)."""
+    key = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / "diffad-locks" / f"{Path(path).name[:40]}-{key}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Hold the inter-process lock of ``path`` (a file or folder about to be made) for the block.
+
+    Another process that holds it is making the same thing: this one says so on the process's own
+    stderr (a terminal; a notebook's output stays as it would be without the wait), waits for it,
+    and should then look again before making it itself. The lock is the operating system's
+    (``flock``): a process that dies releases it, so no stale lock outlives a killed runtime. One
+    process may nest the same lock. Where the temporary folder cannot lock, the block runs unlocked,
+    as a single process would.
+    """
+    where = lock_file(path)
+    lock = _LOCKS.get(str(where))
+    if lock is None:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        lock = _LOCKS.setdefault(str(where), filelock.FileLock(str(where)))
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            if sys.__stderr__ is not None:
+                print(f"diffad: waiting for another process {what} ({path})", file=sys.__stderr__, flush=True)
+            lock.acquire()
+    except NotImplementedError:  # flock unsupported where the lock file lives
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def computed_once(path: str | Path, compute: Callable[[], T], load: Callable[[Path], T],
+                  save: Callable[[T, Path], object], what: str) -> T:
+    """``load(path)`` when the file is there; else ``compute()``, saved with ``save(value, path)``
+    (an atomic write) and returned. Under :func:`exclusive`: of several processes asking at once,
+    one computes and the others wait and read its file."""
+    path = Path(path)
+    if path.is_file():
+        return load(path)
+    with exclusive(path, what):
+        if path.is_file():  # made while this process waited
+            return load(path)
+        value = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save(value, path)
+        return value
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> Path:
+    """Copy ``source`` to a temporary file beside ``path``, then rename: a reader never sees half a copy."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
 

@@ -38,7 +38,7 @@ from diffad import distributed
 from diffad.data import MVTecAD, to_diffusion_range
 from diffad.device import pick_device
 from diffad.device_plan import GB, TrainingPlan, plan_training
-from diffad.io import InsufficientDiskSpace, atomic_save, free_disk_bytes, load_torch_file, scratch_dir, space_to_write
+from diffad.io import InsufficientDiskSpace, atomic_save, exclusive, free_disk_bytes, load_torch_file, scratch_dir, space_to_write
 from diffad.models import load_guided_diffusion_checkpoint, resolve_init_checkpoint
 from diffad.models.denoiser import (MODEL_NAME, TrainedModel, build_diffusion, build_feature_extractor, build_unet,
                                     compute_features, feature_statistics, skipped_in, standardize)
@@ -125,7 +125,8 @@ def fit(
     weights) at the end; a finished ``model.pt`` is loaded instead of retraining, a checkpoint
     resumed. Several categories train one unified, class-conditional model. ``stop_after``
     ends the run early after that many steps in this call (for demonstrations and tests of resume);
-    its checkpoint stays for the next call.
+    its checkpoint stays for the next call. Two processes asking for one ``out_dir`` at once (two
+    notebooks, two shells) do not both train: the second waits for the first and loads its model.
     Before training, the device plan (precision, gradient checkpointing, where the EMA lives,
     estimated peak memory on a GPU, the disk it needs) is printed.
 
@@ -156,8 +157,9 @@ def fit(
     preset = get_preset(preset, **overrides)  # resolved once, here; the rest takes a Preset
     if ddp is None:
         ddp = distributed.launched()
-    if not ddp:
-        return _fit(data_root, categories, out_dir, preset, device, progress, stop_after, False)
+    if not ddp:  # one process trains into out_dir; another asking for it waits, then loads model.pt
+        with exclusive(out_dir, f"training into {Path(out_dir).name}"):
+            return _fit(data_root, categories, out_dir, preset, device, progress, stop_after, False)
     batch_size = preset.for_categories(categories).batch_size
     if batch_size % distributed.world_size():  # before the group: every rank says so and stops
         raise ValueError(

@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from diffad.io import exclusive
+
 from .defects import (  # noqa: F401  (LOW_CONTRAST_KINDS, PAINTABLE_KINDS, paint_defect: this module's API too)
     DEFECT_KINDS, LOW_CONTRAST_KINDS, PAINTABLE_KINDS, SIZE_LEVELS, draw_defect, paint_defect)
 from .scenes import SCENES, finish
@@ -184,19 +186,26 @@ def make_builtin_dataset(
         folder = root / category
         if is_complete(folder, parameters):
             continue
-        if folder.exists() and not (folder / MANIFEST_NAME).is_file():
-            raise FileExistsError(
-                f"{folder} exists but was not made by make_builtin_dataset (no {MANIFEST_NAME}); "
-                "move it away or choose another root"
-            )
-        staging = root / f".{category}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        _write_category(staging, category, parameters)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        with exclusive(folder, f"writing the built-in {category}"):
+            if not is_complete(folder, parameters):  # another process may have written it meanwhile
+                _build_category(root, folder, category, parameters)
     return root
+
+
+def _build_category(root: Path, folder: Path, category: str, parameters: dict) -> None:
+    """Write one category into a staging folder, then rename it over ``folder``."""
+    if folder.exists() and not (folder / MANIFEST_NAME).is_file():
+        raise FileExistsError(
+            f"{folder} exists but was not made by make_builtin_dataset (no {MANIFEST_NAME}); "
+            "move it away or choose another root"
+        )
+    staging = root / f".{category}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    _write_category(staging, category, parameters)
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 DEVELOPMENT_SEED = 1
@@ -293,19 +302,27 @@ def make_mvtec_shaped_dataset(root: str | Path, categories: Sequence[str] | None
                       "image_size": int(image_size), "n_train": int(n_train), "n_test_good": int(n_test_good),
                       "n_test_per_defect": int(n_test_per_defect)}
         folder = root / category
-        manifest = folder / _SHAPED_MANIFEST
-        if manifest.is_file() and json.loads(manifest.read_text()) == parameters:
+        if _shaped_complete(folder, parameters):
             continue
-        if folder.exists() and not manifest.is_file():
-            raise FileExistsError(f"{folder} exists but was not made by make_mvtec_shaped_dataset; choose another root")
-        staging = root / f".{category}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        _write_shaped_category(staging, category, parameters)
-        (staging / _SHAPED_MANIFEST).write_text(json.dumps(parameters, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+        with exclusive(folder, f"writing the MVTec-shaped {category}"):
+            if _shaped_complete(folder, parameters):  # written by another process meanwhile
+                continue
+            if folder.exists() and not (folder / _SHAPED_MANIFEST).is_file():
+                raise FileExistsError(f"{folder} exists but was not made by make_mvtec_shaped_dataset; "
+                                      "choose another root")
+            staging = root / f".{category}.building"
+            shutil.rmtree(staging, ignore_errors=True)
+            _write_shaped_category(staging, category, parameters)
+            (staging / _SHAPED_MANIFEST).write_text(json.dumps(parameters, indent=1))
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
     return root
+
+
+def _shaped_complete(folder: Path, parameters: dict) -> bool:
+    manifest = folder / _SHAPED_MANIFEST
+    return manifest.is_file() and json.loads(manifest.read_text()) == parameters
 
 
 def _write_shaped_category(folder: Path, category: str, parameters: dict) -> None:

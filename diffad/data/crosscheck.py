@@ -48,6 +48,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from diffad.io import exclusive
+
 from .builtin import (
     GENERATOR_VERSION,
     MANIFEST_NAME,
@@ -356,36 +358,44 @@ def make_crosscheck_dataset(
         folder = root / category
         if is_complete(folder, parameters):
             continue
-        if folder.exists() and not (folder / MANIFEST_NAME).is_file():
-            raise FileExistsError(f"{folder} exists but was not made by make_crosscheck_dataset; "
-                                  "move it away or choose another root")
-        staging = root / f".{category}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        make_builtin_dataset(staging / "source", seed=train_seed, image_size=image_size, n_train=n_train,
-                             n_test_good=0, n_test_per_defect=0, categories=[category])
-        (staging / "out").mkdir()
-        shutil.move(str(staging / "source" / category / "train"), str(staging / "out" / "train"))
-        files = [f"train/good/{p.name}" for p in sorted((staging / "out" / "train" / "good").glob("*.png"))]
-
-        def save(array: np.ndarray, relative: str) -> None:
-            path = staging / "out" / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_png(array, path)
-            files.append(relative)
-
-        for index in range(n_test_good):
-            rng = category_rng(seed, category, _TEST_GOOD_CODE, index)
-            scene = SCENES[category](rng, image_size)
-            save(finish(scene.image, scene, rng), f"test/good/{index:03d}.png")
-        for kind_index, kind in enumerate(CROSSCHECK_KINDS):
-            for index in range(n_test_per_defect):
-                rng = category_rng(seed, category, _DEFECT_CODE + kind_index, index)
-                image, mask = crosscheck_defect(category, kind, rng, image_size)
-                save(image, f"test/{kind}/{index:03d}.png")
-                save(to_uint8(mask.astype(np.float32)), f"ground_truth/{kind}/{index:03d}_mask.png")
-        (staging / "out" / MANIFEST_NAME).write_text(json.dumps({"parameters": parameters, "files": files}, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        (staging / "out").rename(folder)
-        shutil.rmtree(staging)
+        with exclusive(folder, f"writing the cross-check {category}"):
+            if not is_complete(folder, parameters):  # another process may have written it meanwhile
+                _write_category(root, folder, category, parameters)
     return root
+
+
+def _write_category(root: Path, folder: Path, category: str, parameters: dict) -> None:
+    """Write one category of the cross-check set (``parameters`` as in its manifest) into a
+    staging folder, then rename it over ``folder``."""
+    if folder.exists() and not (folder / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"{folder} exists but was not made by make_crosscheck_dataset; "
+                              "move it away or choose another root")
+    staging = root / f".{category}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    make_builtin_dataset(staging / "source", seed=parameters["train_seed"], image_size=parameters["image_size"],
+                         n_train=parameters["n_train"], n_test_good=0, n_test_per_defect=0, categories=[category])
+    (staging / "out").mkdir()
+    shutil.move(str(staging / "source" / category / "train"), str(staging / "out" / "train"))
+    files = [f"train/good/{p.name}" for p in sorted((staging / "out" / "train" / "good").glob("*.png"))]
+
+    def save(array: np.ndarray, relative: str) -> None:
+        path = staging / "out" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(array, path)
+        files.append(relative)
+
+    for index in range(parameters["n_test_good"]):
+        rng = category_rng(parameters["seed"], category, _TEST_GOOD_CODE, index)
+        scene = SCENES[category](rng, parameters["image_size"])
+        save(finish(scene.image, scene, rng), f"test/good/{index:03d}.png")
+    for kind_index, kind in enumerate(CROSSCHECK_KINDS):
+        for index in range(parameters["n_test_per_defect"]):
+            rng = category_rng(parameters["seed"], category, _DEFECT_CODE + kind_index, index)
+            image, mask = crosscheck_defect(category, kind, rng, parameters["image_size"])
+            save(image, f"test/{kind}/{index:03d}.png")
+            save(to_uint8(mask.astype(np.float32)), f"ground_truth/{kind}/{index:03d}_mask.png")
+    (staging / "out" / MANIFEST_NAME).write_text(json.dumps({"parameters": parameters, "files": files}, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    (staging / "out").rename(folder)
+    shutil.rmtree(staging)

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diffad.io import exclusive
+
 from .defects import paint_defect
 
 __all__ = ["PHOTO_DEFECTS", "make_photo_folder"]
@@ -122,13 +124,22 @@ def make_photo_folder(root: str | Path, seed: int = 0, n_normal: int = 40, n_tes
     manifest = root / _MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()) == parameters:
         return root
+    with exclusive(root, "writing the photo folder"):
+        if not (manifest.is_file() and json.loads(manifest.read_text()) == parameters):
+            _replace_folder(root, parameters)  # unless another process wrote it meanwhile
+    return root
+
+
+def _replace_folder(root: Path, parameters: dict) -> None:
+    """Write the photo folder into a temporary one and rename it over ``root``."""
+    manifest = root / _MANIFEST
     if root.exists():
         if not manifest.is_file():
             raise FileExistsError(f"{root} exists and is not a photo folder made by diffad: choose another root")
         shutil.rmtree(root)  # made by an earlier version or with other parameters
     temporary = root.with_name(root.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
-    _write(temporary, seed, n_normal, n_test_good, n_per_defect)
+    _write(temporary, parameters["seed"], parameters["n_normal"], parameters["n_test_good"],
+           parameters["n_per_defect"])
     (temporary / _MANIFEST).write_text(json.dumps(parameters))
     temporary.rename(root)
-    return root

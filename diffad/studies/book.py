@@ -19,7 +19,6 @@ import functools
 import hashlib
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from diffad.presets import (
 )
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
-from diffad.io import atomic_save
+from diffad.io import atomic_copy, atomic_save, computed_once, exclusive
 from diffad.process import skip_final_collection
 from diffad.models.denoiser import MODEL_NAME, TrainedModel
 from diffad.shipped import REPOSITORY_URL, find_shipped, manifest, shipped_file
@@ -482,17 +481,17 @@ def trained_model(ctx: Context, categories: str | list[str], progress: bool = Tr
     """
     categories = [categories] if isinstance(categories, str) else list(categories)
     folder = model_folder(ctx, categories)
-    if not (folder / MODEL_NAME).is_file():
-        shipped = shipped_checkpoint(ctx.preset, categories)
-        if shipped is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shipped, folder / MODEL_NAME)
-        elif not allow_training:
-            raise MissingModel(
-                f"no trained {ctx.preset.name!r} model for {'+'.join(categories)} in {folder} and none ships "
-                f"with diffad; train it with book.trained_model(ctx, {categories!r}) or `python -m diffad "
-                f"train`, or pick a shipped category: {sorted(shipped_categories(ctx.preset))}")
-    return fit(ctx.data_root, categories, folder, ctx.preset, device=ctx.device, progress=progress)
+    with exclusive(folder, f"making the model of {'+'.join(categories)}"):  # fit takes it again, nested
+        if not (folder / MODEL_NAME).is_file():
+            shipped = shipped_checkpoint(ctx.preset, categories)
+            if shipped is not None:
+                atomic_copy(shipped, folder / MODEL_NAME)
+            elif not allow_training:
+                raise MissingModel(
+                    f"no trained {ctx.preset.name!r} model for {'+'.join(categories)} in {folder} and none "
+                    f"ships with diffad; train it with book.trained_model(ctx, {categories!r}) or `python -m "
+                    f"diffad train`, or pick a shipped category: {sorted(shipped_categories(ctx.preset))}")
+        return fit(ctx.data_root, categories, folder, ctx.preset, device=ctx.device, progress=progress)
 
 
 def variant_model(ctx: Context, categories: str | list[str], allow_training: bool = False,
@@ -552,13 +551,15 @@ def scores_key(model: TrainedModel, data: CategoryData, seed: int = 0) -> str:
 
 def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0) -> tuple[RawMaps, RawMaps]:
     """Raw test and validation maps of a category, computed once per weights and raw-map settings, cached."""
-    path = _scores_path(ctx, model, data, seed)
-    if path.is_file():
-        return torch.load(path, weights_only=False)
-    result = score_category(model, data, seed=seed, device=ctx.device, known=_narrower_scoring(ctx, model, data, seed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(result, path)
-    return result
+    return computed_once(
+        _scores_path(ctx, model, data, seed),
+        lambda: score_category(model, data, seed=seed, device=ctx.device,
+                               known=_narrower_scoring(ctx, model, data, seed)),
+        _load_result, atomic_save, f"scoring {'+'.join(model.categories)} on {data.category}")
+
+
+def _load_result(path: Path):
+    return torch.load(path, weights_only=False)
 
 
 def _scores_path(ctx: Context, model: TrainedModel, data: CategoryData, seed: int) -> Path:
@@ -638,12 +639,7 @@ def result_cache(ctx: Context):
         digest = hashlib.sha1(f"{kind};{pick_device(ctx.device).type};{library_digest()};".encode())
         _digest(digest, parts)
         path = ctx.cache / "results" / f"{kind}-{digest.hexdigest()[:16]}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=False)
-        result = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(result, path)
-        return result
+        return computed_once(path, compute, _load_result, atomic_save, f"computing {kind}")
 
     return cache
 
