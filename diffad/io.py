@@ -30,7 +30,8 @@ import filelock
 import torch
 
 __all__ = ["cache_dir", "scratch_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace",
-           "space_to_write", "free_disk_bytes", "exclusive", "computed_once", "atomic_copy"]
+           "space_to_write", "free_disk_bytes", "exclusive", "computed_once", "atomic_copy",
+           "build_each"]
 
 # torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
 _SAVE_OVERHEAD = 1.02
@@ -126,15 +127,16 @@ def lock_file(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path, what: str) -> Iterator[None]:
+def exclusive(path: str | Path, what: str, wait: bool = True) -> Iterator[bool]:
     """Hold the inter-process lock of ``path`` (a file or folder about to be made) for the block.
 
     Another process that holds it is making the same thing: this one says so on the process's own
     stderr (a terminal; a notebook's output stays as it would be without the wait), waits for it,
-    and should then look again before making it itself. The lock is the operating system's
-    (``flock``): a process that dies releases it, so no stale lock outlives a killed runtime. One
-    process may nest the same lock. Where the temporary folder cannot lock, the block runs unlocked,
-    as a single process would.
+    and should then look again before making it itself. With ``wait=False`` it does not wait: the
+    block gets False (and runs without the lock) where another process holds it, True otherwise.
+    The lock is the operating system's (``flock``): a process that dies releases it, so no stale
+    lock outlives a killed runtime. One process may nest the same lock. Where the temporary folder
+    cannot lock, the block runs unlocked, as a single process would.
     """
     where = lock_file(path)
     lock = _LOCKS.get(str(where))
@@ -145,16 +147,38 @@ def exclusive(path: str | Path, what: str) -> Iterator[None]:
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:
+            if not wait:
+                yield False
+                return
             if sys.__stderr__ is not None:
                 print(f"diffad: waiting for another process {what} ({path})", file=sys.__stderr__, flush=True)
             lock.acquire()
     except NotImplementedError:  # flock unsupported where the lock file lives
-        yield
+        yield True
         return
     try:
-        yield
+        yield True
     finally:
         lock.release()
+
+
+def build_each(paths, is_complete: Callable[[Path], bool], build: Callable[[Path], object], what: str) -> None:
+    """``build(path)`` for each of ``paths`` (the categories of a dataset) that is not complete, each
+    under its lock. Processes building the same set at once share it out: each first takes the
+    paths no other holds, then waits for the ones another was building (and builds any it left)."""
+    taken = []
+    for path in paths:
+        if is_complete(path):
+            continue
+        with exclusive(path, what, wait=False) as held:
+            if not held:
+                taken.append(path)
+            elif not is_complete(path):
+                build(path)
+    for path in taken:
+        with exclusive(path, what):
+            if not is_complete(path):
+                build(path)
 
 
 def computed_once(path: str | Path, compute: Callable[[], T], load: Callable[[Path], T],

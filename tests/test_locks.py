@@ -173,3 +173,40 @@ def test_fit_waits_for_a_run_into_its_folder_and_loads_that_model(tmp_path, tiny
     for name, tensor in tiny_model.unet.state_dict().items():  # its model, not one trained here
         assert torch.equal(loaded.unet.state_dict()[name], tensor), name
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
+
+
+HOLD_ONE = """
+import sys, time
+from pathlib import Path
+from diffad.io import exclusive
+folder, marks = Path(sys.argv[1]), Path(sys.argv[2])
+with exclusive(folder, "building"):
+    (marks / "holding").touch()
+    while not (marks / "go").exists():
+        time.sleep(0.02)
+    folder.mkdir(parents=True)
+    (folder / "done").touch()
+"""
+
+
+def test_build_each_takes_the_free_paths_first_then_waits_for_the_one_another_builds(tmp_path):
+    import threading
+
+    from diffad.io import build_each
+
+    root, marks = tmp_path / "data", tmp_path / "marks"
+    marks.mkdir()
+    holder = start(HOLD_ONE, root / "b", marks)
+    wait_for(marks / "holding", holder)
+    built = []
+
+    def build(folder):
+        built.append((folder.name, (marks / "go").exists()))
+        folder.mkdir(parents=True)
+        (folder / "done").touch()
+
+    threading.Timer(1.0, (marks / "go").touch).start()
+    build_each([root / name for name in "abc"], lambda folder: (folder / "done").is_file(), build, "building")
+    assert holder.wait(timeout=60) == 0
+    assert built == [("a", False), ("c", False)]  # both while the other process still held "b"
+    assert all((root / name / "done").is_file() for name in "abc")

@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from diffad.io import exclusive
+from diffad.io import build_each
 
 from .defects import (  # noqa: F401  (LOW_CONTRAST_KINDS, PAINTABLE_KINDS, paint_defect: this module's API too)
     DEFECT_KINDS, LOW_CONTRAST_KINDS, PAINTABLE_KINDS, SIZE_LEVELS, draw_defect, paint_defect)
@@ -179,16 +179,12 @@ def make_builtin_dataset(
     categories = resolve_categories(categories)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for category in categories:
-        parameters = _parameters(
-            int(seed), int(image_size), int(n_train), int(n_test_good), int(n_test_per_defect), category
-        )
-        folder = root / category
-        if is_complete(folder, parameters):
-            continue
-        with exclusive(folder, f"writing the built-in {category}"):
-            if not is_complete(folder, parameters):  # another process may have written it meanwhile
-                _build_category(root, folder, category, parameters)
+    parameters = {category: _parameters(int(seed), int(image_size), int(n_train), int(n_test_good),
+                                        int(n_test_per_defect), category) for category in categories}
+    build_each([root / category for category in categories],
+               lambda folder: is_complete(folder, parameters[folder.name]),
+               lambda folder: _build_category(root, folder, folder.name, parameters[folder.name]),
+               "writing the built-in data")
     return root
 
 
@@ -296,28 +292,29 @@ def make_mvtec_shaped_dataset(root: str | Path, categories: Sequence[str] | None
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for category in categories:
-        parameters = {"generator": "diffad.data.builtin.make_mvtec_shaped_dataset", "version": GENERATOR_VERSION,
-                      "category": category, "source": _SHAPED_SOURCE[category], "seed": int(seed),
-                      "image_size": int(image_size), "n_train": int(n_train), "n_test_good": int(n_test_good),
-                      "n_test_per_defect": int(n_test_per_defect)}
-        folder = root / category
-        if _shaped_complete(folder, parameters):
-            continue
-        with exclusive(folder, f"writing the MVTec-shaped {category}"):
-            if _shaped_complete(folder, parameters):  # written by another process meanwhile
-                continue
-            if folder.exists() and not (folder / _SHAPED_MANIFEST).is_file():
-                raise FileExistsError(f"{folder} exists but was not made by make_mvtec_shaped_dataset; "
-                                      "choose another root")
-            staging = root / f".{category}.building"
-            shutil.rmtree(staging, ignore_errors=True)
-            _write_shaped_category(staging, category, parameters)
-            (staging / _SHAPED_MANIFEST).write_text(json.dumps(parameters, indent=1))
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
+    parameters = {category: {"generator": "diffad.data.builtin.make_mvtec_shaped_dataset",
+                             "version": GENERATOR_VERSION, "category": category, "source": _SHAPED_SOURCE[category],
+                             "seed": int(seed), "image_size": int(image_size), "n_train": int(n_train),
+                             "n_test_good": int(n_test_good), "n_test_per_defect": int(n_test_per_defect)}
+                  for category in categories}
+    build_each([root / category for category in categories],
+               lambda folder: _shaped_complete(folder, parameters[folder.name]),
+               lambda folder: _build_shaped(root, folder, parameters[folder.name]),
+               "writing the MVTec-shaped data")
     return root
+
+
+def _build_shaped(root: Path, folder: Path, parameters: dict) -> None:
+    """Write one MVTec-shaped category into a staging folder, then rename it over ``folder``."""
+    if folder.exists() and not (folder / _SHAPED_MANIFEST).is_file():
+        raise FileExistsError(f"{folder} exists but was not made by make_mvtec_shaped_dataset; choose another root")
+    staging = root / f".{folder.name}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    _write_shaped_category(staging, folder.name, parameters)
+    (staging / _SHAPED_MANIFEST).write_text(json.dumps(parameters, indent=1))
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
 
 
 def _shaped_complete(folder: Path, parameters: dict) -> bool:

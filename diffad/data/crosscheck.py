@@ -48,7 +48,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from diffad.io import exclusive
+from diffad.io import build_each
 
 from .builtin import (
     GENERATOR_VERSION,
@@ -348,19 +348,16 @@ def make_crosscheck_dataset(
     categories = resolve_categories(categories)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for category in categories:
-        parameters = {
-            "generator": "diffad.data.crosscheck", "version": _VERSION, "scenes": GENERATOR_VERSION,
-            "category": category, "seed": seed, "train_seed": train_seed, "image_size": image_size,
-            "n_train": n_train, "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
-            "defect_kinds": list(CROSSCHECK_KINDS),
-        }
-        folder = root / category
-        if is_complete(folder, parameters):
-            continue
-        with exclusive(folder, f"writing the cross-check {category}"):
-            if not is_complete(folder, parameters):  # another process may have written it meanwhile
-                _write_category(root, folder, category, parameters)
+    parameters = {category: {
+        "generator": "diffad.data.crosscheck", "version": _VERSION, "scenes": GENERATOR_VERSION,
+        "category": category, "seed": seed, "train_seed": train_seed, "image_size": image_size,
+        "n_train": n_train, "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
+        "defect_kinds": list(CROSSCHECK_KINDS),
+    } for category in categories}
+    build_each([root / category for category in categories],
+               lambda folder: is_complete(folder, parameters[folder.name]),
+               lambda folder: _write_category(root, folder, folder.name, parameters[folder.name]),
+               "writing the cross-check data")
     return root
 
 
