@@ -1,8 +1,11 @@
 """pytest set-up for the whole repository (tests/ and the chapters nbval runs from book/).
 
-The test command runs two pytest-xdist workers (``-n 2`` in pyproject.toml). The chapters run in
-order on one worker, followed by the tests that read the cache they fill; the other worker takes
-the unit tests as they come. Each worker gets its share of the cores as torch threads.
+The test command runs two pytest-xdist workers (``-n 2`` in pyproject.toml). Each chapter is one
+unit of work (its cells run in order, in one kernel, on one worker). Work goes out to whichever
+worker is free in this order (``run_order``): the slow unit tests, the chapters in the book's
+order, the quick unit tests, then the tests that read the cache the chapters filled. Chapters that
+run at once share book/cache through diffad's locks (``diffad.io.exclusive``): what one builds,
+the other waits for and reads. Each worker gets its share of the cores as torch threads.
 
 Why one thread each on two cores: 20 cpu-preset UNet passes take 6.8 s with two threads and 10.6 s
 with one (a second thread gives 1.55x, not 2x). Two processes at once take 19.6 s each with two
@@ -14,9 +17,9 @@ import os
 
 import pytest
 
-BOOK_GROUP = "book"  # the scheduling unit of the chapters and of the tests that read their cache
+AFTER_CHAPTERS = "after chapters"  # the scheduling unit of the tests that read the chapters' cache
 # The test modules marked ``after_chapters``: xdist's controller schedules by node id and cannot
-# read markers, so these modules go whole to the chapters' worker (a marked test elsewhere is an error).
+# read markers, so these modules are named here (a marked test elsewhere is an error).
 AFTER_CHAPTERS_MODULES = ("tests/test_portability.py",)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # inherited by nbval's kernels too: no hub there either
@@ -53,35 +56,52 @@ def is_chapter(item: pytest.Item) -> bool:
     return str(item.fspath).endswith(".ipynb")
 
 
-def runs_with_the_chapters(nodeid: str) -> bool:
-    """Whether a test (by node id, relative to the repository) runs in the chapters' worker."""
+def scheduling_scope(nodeid: str) -> str:
+    """The unit of work a test belongs to (by node id, relative to the repository): its chapter for
+    a notebook cell, one unit for the after_chapters modules, itself for any other test."""
     path = nodeid.split("::", 1)[0]
-    return path.endswith(".ipynb") or path in AFTER_CHAPTERS_MODULES
+    if path.endswith(".ipynb"):
+        return path
+    return AFTER_CHAPTERS if path in AFTER_CHAPTERS_MODULES else nodeid
+
+
+def run_order(item: pytest.Item) -> int:
+    """Where an item goes in the run: the slow tests first (retraining a shipped model takes 330 s
+    on one thread: started last, it would leave a worker alone with it at the end), then the
+    chapters in the book's order, then the quick unit tests, then the tests marked
+    ``after_chapters`` (test_portability runs two threads: it should find the other worker idle)."""
+    if is_chapter(item):
+        return 1
+    if item.get_closest_marker("after_chapters") is not None:
+        return 3
+    return 0 if item.get_closest_marker("slow") is not None else 2
 
 
 def pytest_collection_modifyitems(config, items):
     """Every notebook cell nbval collects is in the slow tier, like retraining and the book build;
-    tests marked ``after_chapters`` run last, after the chapters have filled book/cache."""
+    the items are sorted by ``run_order``: the tests marked ``after_chapters`` last, once book/cache
+    is filled."""
     for item in items:
         if is_chapter(item):
             item.add_marker(pytest.mark.slow)
-        elif item.get_closest_marker("after_chapters") is not None and not runs_with_the_chapters(item.nodeid):
+        elif item.get_closest_marker("after_chapters") is not None and scheduling_scope(item.nodeid) != AFTER_CHAPTERS:
             raise pytest.UsageError(f"{item.nodeid} is marked after_chapters: add its module to "
-                                    f"AFTER_CHAPTERS_MODULES in conftest.py so that it runs in the chapters' worker")
-    items.sort(key=lambda item: item.get_closest_marker("after_chapters") is not None)  # stable
+                                    f"AFTER_CHAPTERS_MODULES in conftest.py so that it is scheduled after the chapters")
+    items.sort(key=run_order)  # stable: the chapters in the book's order, their cells in order
 
 
-def chapters_together_scheduler(config, log=None):
-    """xdist's scope scheduling with one scope for the chapters and the after_chapters modules (in
-    collection order: the chapters, then those tests) and one per other test. The chapters' scope
-    is the largest, so xdist hands it out first."""
+def chapter_scheduler(config, log=None):
+    """xdist's scope scheduling with one scope per chapter, one for the after_chapters modules and
+    one per other test, handed out in ``run_order`` (the collection's order) rather than largest first."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ChaptersTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return BOOK_GROUP if runs_with_the_chapters(nodeid) else nodeid
+    config.option.loadscopereorder = False  # keep run_order
 
-    return ChaptersTogether(config, log)
+    class ChapterByChapter(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_scope(nodeid)
+
+    return ChapterByChapter(config, log)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -90,4 +110,4 @@ def pytest_xdist_make_scheduler(config, log):
     as asked."""
     if config.getvalue("dist") != "load":
         return None
-    return chapters_together_scheduler(config, log)
+    return chapter_scheduler(config, log)

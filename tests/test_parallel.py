@@ -1,4 +1,5 @@
-"""The test command's two xdist workers: the chapters stay together and in order, the cores are shared."""
+"""The test command's two xdist workers: each chapter's cells stay together and in order, the chapters go
+out first and what reads their cache last, the cores are shared."""
 
 import importlib.util
 import os
@@ -39,12 +40,14 @@ def test_the_chapters_are_slow_and_what_reads_their_cache_comes_after_them():
     conftest = root_conftest()
     after = FakeItem("tests/test_portability.py", pytest.mark.after_chapters.mark)
     unit = FakeItem("tests/test_metrics.py")
+    retraining = FakeItem("tests/test_quality.py", pytest.mark.slow.mark)
     chapters = [FakeItem("book/01_introduction.ipynb"), FakeItem("book/02_data.ipynb")]
-    items = [unit, after, *chapters]
+    items = [unit, after, *chapters, retraining]
     conftest.pytest_collection_modifyitems(None, items)
-    assert items == [unit, *chapters, after]  # collection order kept, after_chapters last
+    # the slow unit tests, the chapters in their order, the quick unit tests, after_chapters last
+    assert items == [retraining, *chapters, unit, after]
     assert all(c.get_closest_marker("slow") for c in chapters)
-    assert not after.get_closest_marker("slow") and not unit.get_closest_marker("slow")
+    assert not unit.get_closest_marker("slow")
 
 
 def test_an_after_chapters_test_outside_the_listed_modules_is_an_error():
@@ -54,19 +57,28 @@ def test_an_after_chapters_test_outside_the_listed_modules_is_an_error():
         conftest.pytest_collection_modifyitems(None, [stray])
 
 
-def test_the_chapters_and_the_after_chapters_modules_are_one_scheduling_unit():
+def test_each_chapter_is_one_scheduling_unit_handed_out_in_collection_order():
     conftest = root_conftest()
 
-    class Config:  # what xdist's scheduler reads of the config: the workers asked for
+    class Config:  # what xdist's scheduler reads of the config: the workers asked for, the options
+        class option:
+            loadscopereorder = True
+
         def getvalue(self, name):
             return {"tx": ["popen"] * 2, "numprocesses": 2, "dist": "load"}.get(name)
 
-    scheduler = conftest.chapters_together_scheduler(Config())
+    config = Config()
+    scheduler = conftest.chapter_scheduler(config)
+    assert config.option.loadscopereorder is False  # not largest first: run_order's order
     scopes = {nodeid: scheduler._split_scope(nodeid) for nodeid in (
-        "book/01_introduction.ipynb::Cell 0", "book/14_scorecard.ipynb::Cell 7",
+        "book/01_introduction.ipynb::Cell 0", "book/01_introduction.ipynb::Cell 5",
+        "book/14_scorecard.ipynb::Cell 7",
         "tests/test_portability.py::test_iterative_chapters_print_the_same_digits_on_another_configuration",
         "tests/test_metrics.py::test_pro[a]", "tests/test_metrics.py::test_pro[b]")}
-    assert set(list(scopes.values())[:3]) == {conftest.BOOK_GROUP}
+    assert scopes["book/01_introduction.ipynb::Cell 0"] == scopes["book/01_introduction.ipynb::Cell 5"]
+    assert scopes["book/01_introduction.ipynb::Cell 0"] != scopes["book/14_scorecard.ipynb::Cell 7"]
+    assert scopes["tests/test_portability.py::test_iterative_chapters_print_the_same_digits_on_another_configuration"] \
+        == conftest.AFTER_CHAPTERS
     assert scopes["tests/test_metrics.py::test_pro[a]"] != scopes["tests/test_metrics.py::test_pro[b]"]
 
 

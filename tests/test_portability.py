@@ -11,8 +11,9 @@ outgrow even float64, and the chapters print what they conclude from them instea
 runs both chapters under another configuration (another thread count, AVX2 kernels for ATen,
 oneDNN and MKL), so an output that depends on the machine fails here and not on a newcomer's machine.
 
-Slow (91 s in the test command on 2 cores). It runs after the chapters, in their worker (``conftest.py``),
-and reads the cache they filled (book/cache: data, scored maps) instead of recomputing.
+Slow (91 s in the test command on 2 cores). It is handed out last, after the chapters and the unit
+tests (``conftest.py``), and reads the cache the chapters filled (book/cache: data, scored maps)
+instead of recomputing; anything not there yet it computes under the cache's locks.
 """
 
 import os
