@@ -143,16 +143,19 @@ def test_two_processes_building_one_dataset_both_get_it_whole(tmp_path):
     assert sorted(p.name for p in (tmp_path / "builtin").iterdir()) == ["brick"]  # no staging left over
 
 
+# A process that holds the lock of a folder until the test's "go" file appears, then finishes
+# what it was making: the payload file copied into the folder.
 HOLD = """
-import sys, time
+import shutil, sys, time
 from pathlib import Path
 from diffad.io import exclusive
-out, marks = Path(sys.argv[1]), Path(sys.argv[2])
-with exclusive(out, "training"):
+folder, marks, payload = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+with exclusive(folder, "building"):
     (marks / "holding").touch()
     while not (marks / "go").exists():
         time.sleep(0.02)
-    (out / "model.pt").write_bytes((marks / "model.pt").read_bytes())  # a run that finishes meanwhile
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(payload, folder / payload.name)
 """
 
 
@@ -165,7 +168,7 @@ def test_fit_waits_for_a_run_into_its_folder_and_loads_that_model(tmp_path, tiny
     out, marks = tmp_path / "run", tmp_path / "marks"
     out.mkdir(), marks.mkdir()
     tiny_model.save(marks / "model.pt")
-    holder = start(HOLD, out, marks)
+    holder = start(HOLD, out, marks, marks / "model.pt")  # a run into the folder that finishes meanwhile
     wait_for(marks / "holding", holder)
     threading.Timer(1.0, (marks / "go").touch).start()  # the other run finishes a second from now
     loaded = fit(tiny_builtin, "brick", out, tiny_preset, progress=False)
@@ -175,20 +178,6 @@ def test_fit_waits_for_a_run_into_its_folder_and_loads_that_model(tmp_path, tiny
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
 
 
-HOLD_ONE = """
-import sys, time
-from pathlib import Path
-from diffad.io import exclusive
-folder, marks = Path(sys.argv[1]), Path(sys.argv[2])
-with exclusive(folder, "building"):
-    (marks / "holding").touch()
-    while not (marks / "go").exists():
-        time.sleep(0.02)
-    folder.mkdir(parents=True)
-    (folder / "done").touch()
-"""
-
-
 def test_build_each_takes_the_free_paths_first_then_waits_for_the_one_another_builds(tmp_path):
     import threading
 
@@ -196,7 +185,8 @@ def test_build_each_takes_the_free_paths_first_then_waits_for_the_one_another_bu
 
     root, marks = tmp_path / "data", tmp_path / "marks"
     marks.mkdir()
-    holder = start(HOLD_ONE, root / "b", marks)
+    (marks / "done").touch()
+    holder = start(HOLD, root / "b", marks, marks / "done")
     wait_for(marks / "holding", holder)
     built = []
 
