@@ -137,19 +137,23 @@ class CategoryResult:
 
 
 def score_category(model: TrainedModel, data: CategoryData, seed: int = 0, device=None,
-                   progress: bool = False, known: tuple[RawMaps, RawMaps] | None = None) -> tuple[RawMaps, RawMaps]:
+                   progress: bool = False, known: tuple[RawMaps, RawMaps] | None = None,
+                   same_pass: tuple[RawMaps, RawMaps] | None = None) -> tuple[RawMaps, RawMaps]:
     """Raw per-timestep maps of the test images and of the normal validation images.
 
     ``known``: this category's test and validation maps at the first of the preset's timesteps
     (a narrower scoring of the same model), which are copied instead of scored again (``score_raw``).
+    ``same_pass``: for the authors' timestep mode, the same scoring in the consistent mode, whose
+    first pass is this one's (``score_raw``).
     """
     extractor = build_feature_extractor(model.preset, device)
     category = data.category if model.num_classes else None
     known_test, known_val = known if known is not None else (None, None)
+    same_test, same_val = same_pass if same_pass is not None else (None, None)
     raw_test = score_raw(model, data.test_images, category, seed=seed, device=device, extractor=extractor,
-                         progress=progress, known=known_test)
+                         progress=progress, known=known_test, same_pass=same_test)
     raw_val = score_raw(model, data.val_images, category, seed=seed + 1, device=device, extractor=extractor,
-                        known=known_val)
+                        known=known_val, same_pass=same_val)
     return raw_test, raw_val
 
 

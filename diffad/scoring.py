@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffad.data import to_diffusion_range
-from diffad.presets import KL_STANDARDIZATIONS, NORMALIZATIONS, TIMESTEP_MODES
+from diffad.presets import KL_STANDARDIZATIONS, NORMALIZATIONS, TIMESTEP_MODES, Preset
 from diffad.smoothing import gaussian_kernel1d, smooth  # noqa: F401  (smooth is part of this API)
 from diffad.checks import check_images
 from diffad.device import pick_device
@@ -126,7 +126,12 @@ class OnePass:
 
     def feature_error(self, target: torch.Tensor) -> torch.Tensor:
         """Channel-mean squared error of the head's prediction against ``target``: (N, 1, h, w)."""
-        return (self.features - target).pow(2).mean(dim=1, keepdim=True)
+        return feature_error(self.features, target)
+
+
+def feature_error(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Channel-mean squared error of the feature head's prediction against the backbone's: (N, 1, h, w)."""
+    return (features - target).pow(2).mean(dim=1, keepdim=True)
 
 
 # The preset fields score_raw reads that shape the raw per-timestep maps (with image_size); the
@@ -157,6 +162,7 @@ def score_raw(
     progress: bool = False,
     noise_indices=None,
     known: RawMaps | None = None,
+    same_pass: RawMaps | None = None,
 ) -> RawMaps:
     """KL, RGB and feature maps of ``images`` (N, 3, H, W) in [0, 1] at each test timestep.
 
@@ -170,17 +176,16 @@ def score_raw(
     ``t_indices`` (a narrower scoring), copied instead of computed: the pass at the j-th timestep
     draws the j-th of an image's noises, which do not depend on how many follow, so only the new
     timesteps cost UNet passes and the maps are those of a scoring from scratch.
+
+    ``same_pass`` (the authors' ``timestep_mode`` only): maps of the same images, model, seed and
+    batching in the consistent mode. Both modes make the same first pass, copied from them: only
+    the authors' second, feature-only passes are computed (where the raw index is another step).
     """
     preset = model.preset
     timesteps = tuple(preset.test_timesteps if t_indices is None else t_indices)
     mode = timestep_mode or preset.timestep_mode
-    if mode not in TIMESTEP_MODES:
-        raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {mode!r}")
-    if preset.kl_standardization not in KL_STANDARDIZATIONS:
-        raise ValueError(f"kl_standardization must be one of {KL_STANDARDIZATIONS}; got {preset.kl_standardization!r}")
+    _check_scoring_fields(preset, mode)
     grid = preset.test_feature_grid
-    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
-        raise ValueError(f"test_feature_grid must be None or a positive int, got {grid!r}")
     images = check_images(images, image_size=preset.image_size)
     diffusion = build_diffusion(preset, preset.timestep_respacing)
     bad = [t for t in timesteps if not 0 <= t < diffusion.num_timesteps]
@@ -188,7 +193,7 @@ def score_raw(
         raise ValueError(f"test timesteps {list(timesteps)} must lie in [0, {diffusion.num_timesteps}) "
                          f"of the {diffusion.num_timesteps}-step scoring schedule")
     device = pick_device(device)
-    unet = model.unet.to(device).eval()
+    model.unet.to(device).eval()
     extractor = extractor if extractor is not None else build_feature_extractor(preset, device)
     model.unet_kwargs(category, 1)  # fails early, naming the categories, when a label is missing
     batch_size = batch_size or preset.score_batch_size
@@ -196,6 +201,7 @@ def score_raw(
     k = len(timesteps)
     out = {kind: torch.empty(n, k, h, w) for kind in MAP_TYPES}
     done = _copy_known(known, out, timesteps, seed, images.shape[1:])
+    _check_same_pass(same_pass, mode, timesteps, (n, k, h, w))
     if done == k:
         return RawMaps(timesteps, out["kl"], out["rgb"], out["feature"])
     for start in tqdm(range(0, n, batch_size), desc="score", disable=not progress, leave=False):
@@ -204,24 +210,66 @@ def score_raw(
         where = range(start, start + b) if noise_indices is None else noise_indices[start:start + b]
         noise = torch.stack([_noise_for(int(i), seed, x0.shape[1:], k) for i in where], dim=1).to(device)
         target = model.feature_target(extractor(x0, grid=(grid, grid)) if grid else extractor(x0))
-        label = model.unet_kwargs(category, b, device)
-        for j, t_index in enumerate(timesteps):
-            if j < done:
-                continue
-            one = OnePass(model, diffusion, x0, t_index, noise[j], category, feature_grid=grid)
-            # the official code's feature branch: raw index as timestep (the same pass, and the
-            # same features, where no respacing maps the index to another step)
-            if mode == "authors" and not torch.equal(diffusion.model_timesteps(one.t), one.t):
-                one.features = unet(one.x_t, one.t, return_features=True, feature_grid=grid, **label)[1].float()
-            feature_error = one.feature_error(target)
-            kl = one.kl()
-            if preset.kl_standardization == "authors":
-                kl = standardize_kl_authors(kl)
-            out["kl"][start:start + b, j] = kl.mean(dim=1).cpu()
-            out["rgb"][start:start + b, j] = (one.pred_x0() - x0).abs().mean(dim=1).cpu()
-            out["feature"][start:start + b, j] = F.interpolate(
-                feature_error, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu()
+        rows = slice(start, start + b)
+        for j, t_index in enumerate(timesteps[done:], start=done):
+            if same_pass is not None:  # the first pass is the consistent scoring's: copied
+                for kind in MAP_TYPES:
+                    out[kind][rows, j] = same_pass.get(kind)[rows, j]
+                x_t = None
+            else:
+                one = OnePass(model, diffusion, x0, t_index, noise[j], category, feature_grid=grid)
+                kl = one.kl()
+                if preset.kl_standardization == "authors":
+                    kl = standardize_kl_authors(kl)
+                out["kl"][rows, j] = kl.mean(dim=1).cpu()
+                out["rgb"][rows, j] = (one.pred_x0() - x0).abs().mean(dim=1).cpu()
+                out["feature"][rows, j] = _feature_map(one.feature_error(target), (h, w))
+                x_t = one.x_t
+            if mode == "authors":
+                _authors_feature_pass(model, diffusion, x0, t_index, noise[j], category, grid, target,
+                                      out["feature"], rows, j, x_t)
     return RawMaps(timesteps, out["kl"], out["rgb"], out["feature"])
+
+
+def _check_scoring_fields(preset: Preset, mode: str) -> None:
+    """The raw-map settings ``score_raw`` reads: an error naming a wrong one."""
+    if mode not in TIMESTEP_MODES:
+        raise ValueError(f"timestep_mode must be one of {TIMESTEP_MODES}; got {mode!r}")
+    if preset.kl_standardization not in KL_STANDARDIZATIONS:
+        raise ValueError(f"kl_standardization must be one of {KL_STANDARDIZATIONS}; got {preset.kl_standardization!r}")
+    grid = preset.test_feature_grid
+    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+        raise ValueError(f"test_feature_grid must be None or a positive int, got {grid!r}")
+
+
+def _feature_map(error: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (N, 1, h, w) feature error at the image's size, on the host: (N, H, W)."""
+    return F.interpolate(error, size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
+
+
+def _authors_feature_pass(model: TrainedModel, diffusion, x0, t_index: int, noise, category, grid, target,
+                          features_out: torch.Tensor, rows: slice, j: int, x_t=None) -> None:
+    """The official code's feature branch: a second pass at the first pass's x_t with the raw index
+    as the timestep, its feature map written into ``features_out[rows, j]``. Where no respacing
+    maps the index to another step it would repeat the first pass: nothing is computed."""
+    t = torch.full((x0.shape[0],), t_index, device=x0.device, dtype=torch.long)
+    if torch.equal(diffusion.model_timesteps(t), t):
+        return
+    x_t = diffusion.q_sample(x0, t, noise=noise) if x_t is None else x_t
+    label = model.unet_kwargs(category, x0.shape[0], x0.device)
+    features = model.unet(x_t, t, return_features=True, feature_grid=grid, **label)[1].float()
+    features_out[rows, j] = _feature_map(feature_error(features, target), tuple(features_out.shape[-2:]))
+
+
+def _check_same_pass(same_pass: RawMaps | None, mode: str, timesteps: tuple, shape: tuple) -> None:
+    """``score_raw``'s ``same_pass``: only in the authors' mode, and maps of these timesteps and images."""
+    if same_pass is None:
+        return
+    if mode != "authors":
+        raise ValueError(f"same_pass stands in for the first pass of the authors' timestep mode, not of {mode!r}")
+    if tuple(same_pass.timesteps) != tuple(timesteps) or tuple(same_pass.kl.shape) != shape:
+        raise ValueError(f"same_pass maps at timesteps {list(same_pass.timesteps)}, shape "
+                         f"{tuple(same_pass.kl.shape)}, are not this scoring's ({list(timesteps)}, {shape})")
 
 
 def _copy_known(known: RawMaps | None, out: dict, timesteps: tuple, seed: int, image_shape) -> int:

@@ -102,6 +102,28 @@ def test_a_wider_scoring_scores_only_the_timesteps_a_cached_one_lacks(ctx, tiny_
     assert passed == [None]
 
 
+def test_an_authors_mode_scoring_reuses_the_cached_consistent_one(ctx, tiny_model, monkeypatch):
+    from diffad import evaluate
+
+    data = CategoryData.load(ctx.data_root, "brick", tiny_model.preset)
+    setting = dict(timestep_respacing="250", test_timesteps=(5, 50))
+    authors = rescored(tiny_model, timestep_mode="authors", **setting)
+    from_scratch = evaluate.score_category(authors, data)
+    consistent = book.scored(ctx, rescored(tiny_model, timestep_mode="consistent", **setting), data)
+    passed = []
+    score = evaluate.score_category
+    monkeypatch.setattr(book, "score_category", lambda *a, **k: passed.append(k.get("same_pass")) or score(*a, **k))
+    got = book.scored(ctx, authors, data)
+    assert len(passed) == 1 and all(torch.equal(s.kl, c.kl) for s, c in zip(passed[0], consistent))
+    for maps, expected in zip(got, from_scratch):  # test and validation maps, to the bit
+        for kind in ("kl", "rgb", "feature"):
+            assert torch.equal(maps.get(kind), expected.get(kind))
+    passed.clear()  # the consistent mode itself has nothing to reuse
+    book.scored(ctx, rescored(tiny_model, timestep_mode="consistent", timestep_respacing="250",
+                              test_timesteps=(5, 60)), data)
+    assert passed == [None]
+
+
 def test_reproduce_reads_the_books_scored_maps(ctx, tiny_model, monkeypatch):
     from diffad import evaluate
 

@@ -76,6 +76,34 @@ def test_authors_timestep_mode_without_respacing_reuses_the_pass(tiny_model, tes
         assert torch.equal(consistent.get(kind), authors.get(kind))
 
 
+def test_the_authors_mode_over_a_consistent_scoring_computes_only_its_feature_passes(tiny_model, test_images):
+    """Both modes make the same first pass: given the consistent maps, the authors' mode copies them
+    and spends only its second, feature-only passes, and its maps are those of a scoring from scratch."""
+    images = test_images[0][:5]
+    counting = CountingUNet(tiny_model.unet)
+    model = type(tiny_model)(tiny_model.preset.replace(timestep_respacing="250"), tiny_model.categories, counting,
+                             tiny_model.feature_channels)
+    t_indices = (0, 5, 50)  # index 0 is step 0 under either reading: no second pass there
+    consistent = score_raw(model, images, t_indices=t_indices, timestep_mode="consistent", batch_size=3)
+    scratch = score_raw(model, images, t_indices=t_indices, timestep_mode="authors", batch_size=3)
+    counting.calls = 0
+    reused = score_raw(model, images, t_indices=t_indices, timestep_mode="authors", batch_size=3,
+                       same_pass=consistent)
+    assert counting.calls == 2 * 2  # two respaced timesteps x two batches: the feature passes alone
+    for kind in MAP_TYPES:
+        assert torch.equal(reused.get(kind), scratch.get(kind)), kind
+    assert torch.equal(reused.feature[:, 0], consistent.feature[:, 0])
+    narrow = score_raw(model, images, t_indices=t_indices[:2], timestep_mode="authors", batch_size=3)
+    counting.calls = 0
+    both = score_raw(model, images, t_indices=t_indices, timestep_mode="authors", batch_size=3, known=narrow,
+                     same_pass=consistent)
+    assert counting.calls == 2 and all(torch.equal(both.get(kind), scratch.get(kind)) for kind in MAP_TYPES)
+    with pytest.raises(ValueError, match="authors' timestep mode"):
+        score_raw(model, images, t_indices=t_indices, timestep_mode="consistent", same_pass=consistent)
+    with pytest.raises(ValueError, match="not this scoring's"):
+        score_raw(model, images, t_indices=(5, 50), timestep_mode="authors", same_pass=consistent)
+
+
 def test_known_maps_of_the_first_timesteps_are_copied_and_the_rest_scored(tiny_model, test_images):
     images = test_images[0]
     counting = CountingUNet(tiny_model.unet)

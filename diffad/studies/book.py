@@ -554,8 +554,20 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
     return computed_once(
         _scores_path(ctx, model, data, seed),
         lambda: score_category(model, data, seed=seed, device=ctx.device,
-                               known=_narrower_scoring(ctx, model, data, seed)),
+                               known=_narrower_scoring(ctx, model, data, seed),
+                               same_pass=_consistent_scoring(ctx, model, data, seed)),
         _load_result, atomic_save, f"scoring {'+'.join(model.categories)} on {data.category}")
+
+
+def _consistent_scoring(ctx: Context, model: TrainedModel, data: CategoryData,
+                        seed: int) -> tuple[RawMaps, RawMaps] | None:
+    """For a scoring in the authors' timestep mode, the cached maps of the same scoring in the
+    consistent mode (chapter 11b scores both), or None: their first pass is the same, so
+    ``score_category`` computes only the authors' extra feature passes."""
+    if model.preset.timestep_mode != "authors":
+        return None
+    path = _scores_path(ctx, model.scored_as(model.preset.replace(timestep_mode="consistent")), data, seed)
+    return _load_result(path) if path.is_file() else None
 
 
 def _load_result(path: Path):
