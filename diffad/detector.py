@@ -32,8 +32,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +45,7 @@ from diffad.data import MVTecAD
 from diffad.data.folder import ImageFolder, list_images, read_image
 from diffad.data.mvtec import _image_array
 from diffad.device import pick_device
-from diffad.io import atomic_save, load_torch_file
+from diffad.io import atomic_save, atomic_write, load_torch_file
 from diffad.presets import Preset, get_preset
 
 __all__ = ["detector_methods", "DEFAULT_FPR", "DEFAULT_HOLDOUT", "Threshold", "Predictions", "Detector", "train",
@@ -238,18 +236,6 @@ class _Timed:
             self.seconds += time.perf_counter() - start
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """``data`` into ``path`` through a temporary file and a rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _unique_stems(names: Sequence[str]) -> list[str]:
     seen: dict[str, int] = {}
     stems = []
@@ -356,16 +342,16 @@ class Detector:
         for index, (row, stem) in enumerate(zip(rows, _unique_stems(predictions.names))):
             buffer = io.BytesIO()
             Image.fromarray(self.overlay(predictions, index)).save(buffer, format="PNG", compress_level=1)
-            _atomic_write(out / f"{stem}_overlay.png", buffer.getvalue())
+            atomic_write(out / f"{stem}_overlay.png", buffer.getvalue())
             buffer = io.BytesIO()
             np.save(buffer, predictions.maps[index].astype(np.float32))
-            _atomic_write(out / f"{stem}_map.npy", buffer.getvalue())
+            atomic_write(out / f"{stem}_map.npy", buffer.getvalue())
             row.update(overlay=f"{stem}_overlay.png", map=f"{stem}_map.npy")
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=["path", "score", "verdict", "threshold", "overlay", "map"])
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(out / CSV_NAME, text.getvalue().encode())
+        atomic_write(out / CSV_NAME, text.getvalue().encode())
         predictions.timings["writing"] = predictions.timings.get("writing", 0.0) + time.perf_counter() - start
         return out / CSV_NAME
 
@@ -384,7 +370,7 @@ class Detector:
         record = {"format": RUN_FORMAT, "version": RUN_VERSION, "diffad": __version__, "method": self.method,
                   "name": self.name, "preset": self.preset.to_dict(), "threshold": asdict(self.threshold),
                   "heat_range": list(self.heat_range), "normalizer": normalizer, **self.info}
-        _atomic_write(run / RUN_FILE, (json.dumps(record, indent=1, default=str) + "\n").encode())
+        atomic_write(run / RUN_FILE, (json.dumps(record, indent=1, default=str) + "\n").encode())
         return run / RUN_FILE
 
     @classmethod
@@ -473,7 +459,7 @@ def use_shipped_model(run: str | Path, name: str, preset: str | Preset = "cpu", 
         return False
     shipped = shipped_file(f"own-{name}.pt")  # in the package, or fetched from the repository
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(target, shipped.read_bytes())
+    atomic_write(target, shipped.read_bytes())
     return True
 
 

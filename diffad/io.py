@@ -30,7 +30,7 @@ import filelock
 import torch
 
 __all__ = ["cache_dir", "scratch_dir", "atomic_save", "load_torch_file", "read_state_dict", "tensor_bytes", "InsufficientDiskSpace",
-           "space_to_write", "free_disk_bytes", "exclusive", "computed_once", "atomic_copy",
+           "space_to_write", "free_disk_bytes", "exclusive", "computed_once", "atomic_write",
            "build_each"]
 
 # torch.save writes a little more than the tensors' bytes (the pickle, zip headers, alignment).
@@ -198,14 +198,14 @@ def computed_once(path: str | Path, compute: Callable[[], T], load: Callable[[Pa
         return value
 
 
-def atomic_copy(source: str | Path, path: str | Path) -> Path:
-    """Copy ``source`` to a temporary file beside ``path``, then rename: a reader never sees half a copy."""
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """``data`` into ``path`` through a temporary file beside it and a rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        shutil.copyfile(source, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffad.io import atomic_copy, computed_once, exclusive, lock_file
+from diffad.io import atomic_write, computed_once, exclusive, lock_file
 
 # A process that computes ``path`` once through computed_once; its compute says it started, waits
 # for the test's "go" file, then records that it ran. It prints what it returned.
@@ -115,12 +115,11 @@ def test_a_filesystem_without_locks_runs_the_block_unlocked(tmp_path, monkeypatc
     assert ran == [1]
 
 
-def test_atomic_copy_leaves_no_temporary_file(tmp_path):
-    source = tmp_path / "source.bin"
-    source.write_bytes(b"weights" * 1000)
-    copied = atomic_copy(source, tmp_path / "out" / "model.pt")
-    assert copied.read_bytes() == source.read_bytes()
-    assert [p.name for p in copied.parent.iterdir()] == ["model.pt"]
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    data = b"weights" * 1000
+    written = atomic_write(tmp_path / "out" / "model.pt", data)
+    assert written.read_bytes() == data
+    assert [p.name for p in written.parent.iterdir()] == ["model.pt"]
 
 
 BUILD = """

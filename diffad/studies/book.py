@@ -49,7 +49,7 @@ from diffad.presets import (
 )
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
-from diffad.io import atomic_copy, atomic_save, computed_once, exclusive
+from diffad.io import atomic_save, atomic_write, computed_once, exclusive
 from diffad.process import skip_final_collection
 from diffad.models.denoiser import MODEL_NAME, TrainedModel
 from diffad.shipped import REPOSITORY_URL, find_shipped, manifest, shipped_file
@@ -485,7 +485,7 @@ def trained_model(ctx: Context, categories: str | list[str], progress: bool = Tr
         if not (folder / MODEL_NAME).is_file():
             shipped = shipped_checkpoint(ctx.preset, categories)
             if shipped is not None:
-                atomic_copy(shipped, folder / MODEL_NAME)
+                atomic_write(folder / MODEL_NAME, shipped.read_bytes())
             elif not allow_training:
                 raise MissingModel(
                     f"no trained {ctx.preset.name!r} model for {'+'.join(categories)} in {folder} and none "

@@ -29,7 +29,7 @@ import torch
 
 from diffad.evaluate import (BOOTSTRAP_RESAMPLES, METRIC_LABELS, RESULT_COLUMNS, CategoryData, difference_interval,
                              metric_row)
-from diffad.io import computed_once
+from diffad.io import atomic_write, computed_once
 from diffad.metrics import ImageBootstrap
 from diffad.presets import Preset, with_paper_scoring
 from diffad.scoring import Normalizer, RawMaps, final_maps, image_scores, normalized
@@ -137,14 +137,8 @@ def cached_unit(cache: Path | None, data: CategoryData, raw_test: RawMaps, raw_v
         return score_unit(data, raw_test, raw_val, preset, alphas, n_resamples, seed)
     path = Path(cache) / "studies" / f"scoring-{data.category}-{_fingerprint(data, raw_test, raw_val, preset, alphas, n_resamples, seed)}.json"
     return computed_once(path, lambda: score_unit(data, raw_test, raw_val, preset, alphas, n_resamples, seed),
-                         lambda p: json.loads(p.read_text()), _write_json, f"scoring {data.category}")
-
-
-def _write_json(value, path: Path) -> None:
-    """``value`` as JSON at ``path``, through a temporary file renamed over it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+                         lambda p: json.loads(p.read_text()),
+                         lambda value, p: atomic_write(p, json.dumps(value).encode()), f"scoring {data.category}")
 
 
 def paired_comparison(data: CategoryData, raw_test: RawMaps, raw_val: RawMaps, preset: Preset, first: str = "kl",
