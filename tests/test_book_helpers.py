@@ -79,6 +79,24 @@ def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_mode
     assert book.scores_key(retrained, data) != key
 
 
+def record_reused_maps(monkeypatch, argument: str) -> list:
+    """Make book.score_category record its ``argument`` (the maps it was handed to reuse) per call."""
+    from diffad import evaluate
+
+    passed = []
+    score = evaluate.score_category
+    monkeypatch.setattr(book, "score_category", lambda *a, **k: passed.append(k.get(argument)) or score(*a, **k))
+    return passed
+
+
+def assert_same_maps(got, expected) -> None:
+    """Test and validation maps equal to the bit."""
+    for maps, reference in zip(got, expected):
+        assert maps.timesteps == reference.timesteps
+        for kind in ("kl", "rgb", "feature"):
+            assert torch.equal(maps.get(kind), reference.get(kind))
+
+
 def test_a_wider_scoring_scores_only_the_timesteps_a_cached_one_lacks(ctx, tiny_model, monkeypatch):
     from diffad import evaluate
 
@@ -87,15 +105,11 @@ def test_a_wider_scoring_scores_only_the_timesteps_a_cached_one_lacks(ctx, tiny_
     wide = rescored(tiny_model, test_timesteps=(1, 4, 9))
     from_scratch = evaluate.score_category(wide, data)
     narrow_maps = book.scored(ctx, narrow, data)
-    passed = []
-    score = evaluate.score_category
-    monkeypatch.setattr(book, "score_category", lambda *a, **k: passed.append(k.get("known")) or score(*a, **k))
+    passed = record_reused_maps(monkeypatch, "known")
     wide_maps = book.scored(ctx, wide, data)
     assert len(passed) == 1 and all(torch.equal(k.kl, n.kl) for k, n in zip(passed[0], narrow_maps))
-    for got, expected in zip(wide_maps, from_scratch):  # test and validation maps, to the bit
-        assert got.timesteps == (1, 4, 9)
-        for kind in ("kl", "rgb", "feature"):
-            assert torch.equal(got.get(kind), expected.get(kind))
+    assert wide_maps[0].timesteps == (1, 4, 9)
+    assert_same_maps(wide_maps, from_scratch)
     # a scoring that is not a prefix (another first timestep) is scored from scratch
     passed.clear()
     book.scored(ctx, rescored(tiny_model, test_timesteps=(2, 4, 9)), data)
@@ -110,14 +124,10 @@ def test_an_authors_mode_scoring_reuses_the_cached_consistent_one(ctx, tiny_mode
     authors = rescored(tiny_model, timestep_mode="authors", **setting)
     from_scratch = evaluate.score_category(authors, data)
     consistent = book.scored(ctx, rescored(tiny_model, timestep_mode="consistent", **setting), data)
-    passed = []
-    score = evaluate.score_category
-    monkeypatch.setattr(book, "score_category", lambda *a, **k: passed.append(k.get("same_pass")) or score(*a, **k))
+    passed = record_reused_maps(monkeypatch, "same_pass")
     got = book.scored(ctx, authors, data)
     assert len(passed) == 1 and all(torch.equal(s.kl, c.kl) for s, c in zip(passed[0], consistent))
-    for maps, expected in zip(got, from_scratch):  # test and validation maps, to the bit
-        for kind in ("kl", "rgb", "feature"):
-            assert torch.equal(maps.get(kind), expected.get(kind))
+    assert_same_maps(got, from_scratch)
     passed.clear()  # the consistent mode itself has nothing to reuse
     book.scored(ctx, rescored(tiny_model, timestep_mode="consistent", timestep_respacing="250",
                               test_timesteps=(5, 60)), data)
