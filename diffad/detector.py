@@ -458,7 +458,6 @@ def use_shipped_model(run: str | Path, name: str, preset: str | Preset = "cpu", 
     if entry["categories"] != [name] or entry["training_fingerprint"] != training_fingerprint(wanted):
         return False
     shipped = shipped_file(f"own-{name}.pt")  # in the package, or fetched from the repository
-    target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, shipped.read_bytes())
     return True
 

@@ -183,13 +183,14 @@ def make_builtin_dataset(
                                         int(n_test_per_defect), category) for category in categories}
     build_each([root / category for category in categories],
                lambda folder: is_complete(folder, parameters[folder.name]),
-               lambda folder: _build_category(root, folder, folder.name, parameters[folder.name]),
+               lambda folder: _build_category(folder, parameters[folder.name]),
                "writing the built-in data")
     return root
 
 
-def _build_category(root: Path, folder: Path, category: str, parameters: dict) -> None:
-    """Write one category into a staging folder, then rename it over ``folder``."""
+def _build_category(folder: Path, parameters: dict) -> None:
+    """Write one category (``folder``'s name) into a staging folder beside it, then rename it over ``folder``."""
+    root, category = folder.parent, folder.name
     if folder.exists() and not (folder / MANIFEST_NAME).is_file():
         raise FileExistsError(
             f"{folder} exists but was not made by make_builtin_dataset (no {MANIFEST_NAME}); "
@@ -299,13 +300,14 @@ def make_mvtec_shaped_dataset(root: str | Path, categories: Sequence[str] | None
                   for category in categories}
     build_each([root / category for category in categories],
                lambda folder: _shaped_complete(folder, parameters[folder.name]),
-               lambda folder: _build_shaped(root, folder, parameters[folder.name]),
+               lambda folder: _build_shaped(folder, parameters[folder.name]),
                "writing the MVTec-shaped data")
     return root
 
 
-def _build_shaped(root: Path, folder: Path, parameters: dict) -> None:
-    """Write one MVTec-shaped category into a staging folder, then rename it over ``folder``."""
+def _build_shaped(folder: Path, parameters: dict) -> None:
+    """Write one MVTec-shaped category into a staging folder beside it, then rename it over ``folder``."""
+    root = folder.parent
     if folder.exists() and not (folder / _SHAPED_MANIFEST).is_file():
         raise FileExistsError(f"{folder} exists but was not made by make_mvtec_shaped_dataset; choose another root")
     staging = root / f".{folder.name}.building"

@@ -356,14 +356,15 @@ def make_crosscheck_dataset(
     } for category in categories}
     build_each([root / category for category in categories],
                lambda folder: is_complete(folder, parameters[folder.name]),
-               lambda folder: _write_category(root, folder, folder.name, parameters[folder.name]),
+               lambda folder: _write_category(folder, parameters[folder.name]),
                "writing the cross-check data")
     return root
 
 
-def _write_category(root: Path, folder: Path, category: str, parameters: dict) -> None:
-    """Write one category of the cross-check set (``parameters`` as in its manifest) into a
-    staging folder, then rename it over ``folder``."""
+def _write_category(folder: Path, parameters: dict) -> None:
+    """Write one category of the cross-check set (``folder``'s name; ``parameters`` as in its
+    manifest) into a staging folder beside it, then rename it over ``folder``."""
+    root, category = folder.parent, folder.name
     if folder.exists() and not (folder / MANIFEST_NAME).is_file():
         raise FileExistsError(f"{folder} exists but was not made by make_crosscheck_dataset; "
                               "move it away or choose another root")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffad.io import exclusive
+from diffad.io import build_each
 
 from .defects import paint_defect
 
@@ -121,13 +121,14 @@ def make_photo_folder(root: str | Path, seed: int = 0, n_normal: int = 40, n_tes
     root = Path(root)
     parameters = {"version": _VERSION, "seed": seed, "n_normal": n_normal, "n_test_good": n_test_good,
                   "n_per_defect": n_per_defect}
-    manifest = root / _MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == parameters:
-        return root
-    with exclusive(root, "writing the photo folder"):
-        if not (manifest.is_file() and json.loads(manifest.read_text()) == parameters):
-            _replace_folder(root, parameters)  # unless another process wrote it meanwhile
+    build_each([root], lambda folder: _complete(folder, parameters),
+               lambda folder: _replace_folder(folder, parameters), "writing the photo folder")
     return root
+
+
+def _complete(root: Path, parameters: dict) -> bool:
+    manifest = root / _MANIFEST
+    return manifest.is_file() and json.loads(manifest.read_text()) == parameters
 
 
 def _replace_folder(root: Path, parameters: dict) -> None:

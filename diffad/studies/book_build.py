@@ -58,7 +58,7 @@ def _share_threads(threads: int) -> None:
 
 
 def _execute(path: str, timeout: int | None, allow_errors: bool):
-    """Execute one notebook in its folder; (path, executed notebook or None, seconds, error text)."""
+    """Execute one notebook in its folder; (executed notebook or None, seconds, error text)."""
     import nbformat
     from jupyter_cache.executors.utils import single_nb_execution
 
@@ -66,8 +66,8 @@ def _execute(path: str, timeout: int | None, allow_errors: bool):
     result = single_nb_execution(notebook, cwd=str(Path(path).parent), timeout=timeout,
                                  allow_errors=allow_errors, meta_override=True)
     if result.err is not None:
-        return path, None, result.time, f"{type(result.err).__name__}: {result.err}"
-    return path, nbformat.writes(notebook), result.time, None
+        return None, result.time, f"{type(result.err).__name__}: {result.err}"
+    return nbformat.writes(notebook), result.time, None
 
 
 def chapters_to_execute(cache, paths, exclude_patterns=()) -> list[str]:
@@ -100,7 +100,7 @@ def execute_chapters(cache, paths: list[str], jobs: int, timeout: int | None = N
         futures = [pool.submit(_execute, path, timeout, allow_errors) for path in paths]
         for future, path in zip(futures, paths):  # in the order given
             try:
-                _, executed, seconds, error = future.result()
+                executed, seconds, error = future.result()
             except Exception as exception:  # the worker itself failed (a kernel that would not start)
                 executed, seconds, error = None, 0.0, f"{type(exception).__name__}: {exception}"
             if error is not None:
