@@ -44,18 +44,69 @@ def test_each_chapter_gets_an_equal_share_of_the_cores():
     assert book_build.threads_per_chapter(4, 2) == 1
 
 
+def test_the_longest_ready_chapter_starts_next_and_a_chapter_waits_for_what_it_reads(tmp_path):
+    first, long, short, reader = (str(notebook(tmp_path / f"{name}.ipynb", "1"))
+                                  for name in ("first", "long", "short", "reader"))
+    reads_long = nbformat.read(reader, as_version=4)
+    reads_long.metadata["diffad"] = {"after": ["long"]}
+    nbformat.write(reads_long, reader)
+    expected = {"first": 10.0, "long": 100.0, "short": 5.0, "reader": 500.0}
+    waiting = [first, long, short, reader]
+    assert book_build.chapters_read_first(reader) == ["long"] and book_build.chapters_read_first(first) == []
+    assert book_build.next_chapter(waiting, [], expected) == long  # reader waits for long
+    assert book_build.next_chapter([first, short, reader], [long], expected) == first
+    assert book_build.next_chapter([short, reader], [long], expected) == short
+    assert book_build.next_chapter([reader], [long], expected) is None  # nothing ready: wait
+    assert book_build.next_chapter([reader], [], expected) == reader
+    circular = nbformat.read(long, as_version=4)  # long and reader each read the other first
+    circular.metadata["diffad"] = {"after": ["reader"]}
+    nbformat.write(circular, long)
+    assert book_build.next_chapter([long, reader], [], expected) is None
+    from jupyter_cache import get_cache
+
+    lines = []
+    book_build.execute_chapters(get_cache(tmp_path / "cache"), [long, reader], jobs=2, timeout=120, log=lines.append)
+    # one after the other in the book's order, not stuck
+    assert [line.split(" in ")[0] for line in lines[:2]] == ["executed long.ipynb", "executed reader.ipynb"]
+    # no times (a first build): the book's order; a chapter without one counts as the median
+    assert book_build.next_chapter([first, long, short], [], {}) == first
+    assert book_build.next_chapter([first, long, short], [], {"first": 1.0, "short": 9.0, "long": 3.0}) == short
+    # long has no time: it counts as the median of the others, 9 here, and a tie goes in the book's order
+    assert book_build.next_chapter([first, long, short], [], {"first": 1.0, "short": 9.0}) == long
+    assert book_build.next_chapter([first, short, long], [], {"first": 1.0, "short": 9.0}) == short
+    assert book_build.next_chapter([first, long, short], [], {"first": 4.0, "short": 0.5}) == first
+
+
+def test_times_come_from_the_first_record_that_exists(tmp_path):
+    import json
+
+    hint = tmp_path / "hint.json"
+    hint.write_text(json.dumps({"chapters": {"a": {"seconds": 3.5, "cells": [1.0, 2.5]}}}))
+    assert book_build.read_times(tmp_path / "missing.json", hint) == {"a": 3.5}
+    assert book_build.read_times(tmp_path / "missing.json") == {}
+
+
 def test_chapters_run_at_once_are_stored_in_the_cache_and_a_failure_is_left_out(tmp_path):
+    import json
+
     from jupyter_cache import get_cache
 
     cache = get_cache(tmp_path / ".jupyter_cache")
     first = notebook(tmp_path / "a.ipynb", "import os\nprint('a', 6 * 7)")
     second = notebook(tmp_path / "b.ipynb", "from pathlib import Path\nprint(Path.cwd().name)")
     broken = notebook(tmp_path / "c.ipynb", "1 / 0")
+    saved = nbformat.read(second, as_version=4)  # a timing record from an earlier run, kept as it is
+    saved.cells[0].metadata["execution"] = {"iopub.execute_input": "2026-01-01T00:00:00Z"}
+    nbformat.write(saved, second)
     paths = book_build.chapters_to_execute(cache, [first, second, broken])
     assert paths == [str(first), str(second), str(broken)]
     lines = []
-    failed = book_build.execute_chapters(cache, paths, jobs=2, timeout=120, log=lines.append)
-    assert list(failed) == [str(broken)] and "ZeroDivisionError" in failed[str(broken)]
+    record = tmp_path / "_build" / book_build.RECORD_NAME
+    failed = book_build.execute_chapters(cache, paths, jobs=2, timeout=120, log=lines.append, record=record)
+    assert list(failed) == [str(broken)] and "ZeroDivisionError" in failed[str(broken)], lines
+    times = json.loads(record.read_text())["chapters"]
+    assert sorted(times) == ["a", "b", "c"] and len(times["a"]["cells"]) == 1  # one code cell each
+    assert book_build.read_times(record) == {name: times[name]["seconds"] for name in "abc"}
     assert book_build.chapters_to_execute(cache, [first, second, broken]) == [str(broken)]
     stored = cache.merge_match_into_notebook(nbformat.read(second, as_version=4))[1]
     assert stored.cells[0].outputs[0]["text"] == f"{tmp_path.name}\n"  # ran in the chapter's folder
