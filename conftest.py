@@ -13,7 +13,9 @@ threads each (slower than 13.6 s one after the other) and 11.0 s each with one t
 rest of the work (Python, NumPy, kernel start-up) runs on one thread anyway.
 """
 
+import functools
 import os
+from pathlib import Path
 
 import pytest
 
@@ -58,11 +60,22 @@ def is_chapter(item: pytest.Item) -> bool:
 
 def scheduling_scope(nodeid: str) -> str:
     """The unit of work a test belongs to (by node id, relative to the repository): its chapter for
-    a notebook cell, one unit for the after_chapters modules, itself for any other test."""
+    a notebook cell (or the chapter its notebook names first under ``diffad: after:``, which computes
+    what it reads: one worker runs both, that one first, rather than two at once with one waiting on
+    the other's locks), one unit for the after_chapters modules, itself for any other test."""
     path = nodeid.split("::", 1)[0]
     if path.endswith(".ipynb"):
-        return path
+        return _chapter_scope(path)
     return AFTER_CHAPTERS if path in AFTER_CHAPTERS_MODULES else nodeid
+
+
+@functools.lru_cache(maxsize=None)
+def _chapter_scope(path: str) -> str:
+    from diffad.studies.book_build import chapters_read_first
+
+    notebook = Path(__file__).parent / path
+    first = chapters_read_first(notebook) if notebook.is_file() else []
+    return str(Path(path).with_name(first[0] + ".ipynb")) if first else path
 
 
 def run_order(item: pytest.Item) -> int:

@@ -62,6 +62,21 @@ def test_shipped_cpu_checkpoints_are_listed():
     assert book.shipped_checkpoint(cpu.replace(**unified_overrides(cpu)), every) is not None
 
 
+def test_scored_each_gives_each_categorys_cached_maps(ctx, tiny_model, monkeypatch):
+    from diffad import io
+
+    datasets = {c: CategoryData.load(ctx.data_root, c, tiny_model.preset) for c in ("brick", "nut")}
+    models = {c: tiny_model for c in datasets}
+    order = []
+    real_build_each = io.build_each
+    monkeypatch.setattr(book, "build_each", lambda paths, *rest: order.append(paths) or real_build_each(paths, *rest))
+    raw = book.scored_each(ctx, models, datasets)
+    assert list(raw) == ["brick", "nut"] and len(order[0]) == 2  # both scored through build_each
+    for c in datasets:
+        assert torch.equal(raw[c][0].kl, book.scored(ctx, tiny_model, datasets[c])[0].kl)
+    assert len(list((ctx.cache / "scores").glob("*.pt"))) == 2
+
+
 def test_scored_maps_are_cached_and_keyed_on_weights_and_settings(ctx, tiny_model):
     data = CategoryData.load(ctx.data_root, "brick", tiny_model.preset)
     raw_test, raw_val = book.scored(ctx, tiny_model, data)

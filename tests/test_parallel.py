@@ -77,6 +77,8 @@ def test_each_chapter_is_one_scheduling_unit_handed_out_in_collection_order():
         "tests/test_metrics.py::test_pro[a]", "tests/test_metrics.py::test_pro[b]")}
     assert scopes["book/01_introduction.ipynb::Cell 0"] == scopes["book/01_introduction.ipynb::Cell 5"]
     assert scopes["book/01_introduction.ipynb::Cell 0"] != scopes["book/14_scorecard.ipynb::Cell 7"]
+    # chapter 14 reads chapter 11b's unified model and PaDiMs (its metadata's diffad: after:): one unit
+    assert scopes["book/14_scorecard.ipynb::Cell 7"] == scheduler._split_scope("book/11b_unified.ipynb::Cell 3")
     assert scopes["tests/test_portability.py::test_iterative_chapters_print_the_same_digits_on_another_configuration"] \
         == conftest.AFTER_CHAPTERS
     assert scopes["tests/test_metrics.py::test_pro[a]"] != scopes["tests/test_metrics.py::test_pro[b]"]

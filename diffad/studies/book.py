@@ -49,7 +49,7 @@ from diffad.presets import (
 )
 from diffad.scoring import RAW_MAP_FIELDS, RawMaps
 from diffad.device import pick_device
-from diffad.io import atomic_save, atomic_write, computed_once, exclusive
+from diffad.io import atomic_save, atomic_write, build_each, computed_once, exclusive
 from diffad.process import skip_final_collection
 from diffad.models.denoiser import MODEL_NAME, TrainedModel
 from diffad.shipped import REPOSITORY_URL, find_shipped, manifest, shipped_file
@@ -557,6 +557,18 @@ def scored(ctx: Context, model: TrainedModel, data: CategoryData, seed: int = 0)
                                known=_narrower_scoring(ctx, model, data, seed),
                                same_pass=_consistent_scoring(ctx, model, data, seed)),
         _load_result, atomic_save, f"scoring {'+'.join(model.categories)} on {data.category}")
+
+
+def scored_each(ctx: Context, models: Mapping[str, TrainedModel], datasets: Mapping[str, CategoryData],
+                seed: int = 0) -> dict[str, tuple[RawMaps, RawMaps]]:
+    """:func:`scored` for each category of ``models`` (on ``datasets`` of the same names): the same
+    maps, scored in an order that shares the work when two chapters ask at once (a parallel build,
+    the tests): each first scores the categories no other process is scoring, then reads the others'
+    (:func:`diffad.io.build_each`), rather than both waiting in turn on the same category."""
+    paths = {_scores_path(ctx, models[c], datasets[c], seed): c for c in models}
+    build_each(list(paths), Path.is_file, lambda path: scored(ctx, models[paths[path]], datasets[paths[path]], seed),
+               "scoring the categories")
+    return {c: scored(ctx, models[c], datasets[c], seed) for c in models}
 
 
 def _consistent_scoring(ctx: Context, model: TrainedModel, data: CategoryData,
