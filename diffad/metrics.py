@@ -100,6 +100,7 @@ def ranked_pairs_auroc(positives: np.ndarray, negatives: np.ndarray) -> float:
     by binary search. The pair count is an exact integer, so the only rounding is the division.
     """
     negatives = np.sort(negatives)
+    positives = np.sort(positives)  # sorted keys: each search starts where the last one ended (several x faster)
     below = np.searchsorted(negatives, positives, "left")
     not_above = np.searchsorted(negatives, positives, "right")
     twice_ranked = int(below.sum(dtype=np.int64)) + int(not_above.sum(dtype=np.int64))
@@ -337,6 +338,9 @@ def _pair_counts(positive_scores, positive_owner, negatives_by_owner, n_owners: 
     """(owners x owners) counts of (positive of i, negative of j) pairs ranked right, ties half:
     the Mann-Whitney numerator of an AUROC split by who owns each side of the pair."""
     counts = np.zeros((n_owners, n_owners))
+    # sorted keys search several times faster; the counts are sums of halves, exact in any order
+    order = np.argsort(positive_scores, kind="stable")
+    positive_scores, positive_owner = np.asarray(positive_scores)[order], np.asarray(positive_owner)[order]
     for j, negatives in enumerate(negatives_by_owner):
         if len(negatives):
             below = np.searchsorted(negatives, positive_scores, "left")
