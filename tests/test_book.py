@@ -8,12 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
 
+from diffad.io import exclusive
 from diffad.studies import book
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +38,22 @@ def find_browser() -> str | None:
     return next((path for path in map(shutil.which, BROWSERS) if path), None)
 
 
+def _install_chromium() -> str | None:
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
+                   env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    return find_browser()
+
+
 @pytest.fixture(scope="session")
 def chromium():
     path = find_browser()
     if path is None:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        path = find_browser()
+        # Each pytest-xdist worker has its own session: both may get here on a fresh machine, and
+        # a second apt-get fails at once on the first one's lock (exit 100). One installs; the
+        # other waits for it and then finds the browser.
+        with exclusive(Path(tempfile.gettempdir()) / "diffad-chromium", "installing chromium"):
+            path = find_browser() or _install_chromium()
     assert path, "chromium could not be installed"
     return path
 
