@@ -6,9 +6,10 @@ variational bound for the learned variance); its feature head, trained to predic
 backbone's features of the clean x0 from x_t, adds ``feature_loss_weight`` times an MSE.
 
 AdamW with the learning rate annealed linearly to 0, an EMA of the weights (the EMA weights
-are what scoring uses), gradient clipping, bf16 autocast and channels-last on CUDA; fp16 with a
-GradScaler below compute capability 8.0, where a step with non-finite gradients is skipped and
-counted (``skipped`` in the history), not an error, and the EMA moves only after a real step.
+are what scoring uses), gradient clipping, bf16 autocast and channels-last on CUDA (and on a
+CPU with ``precision=bf16``); fp16 with a GradScaler below compute capability 8.0, where a step
+with non-finite gradients is skipped and counted (``skipped`` in the history), not an error, and
+the EMA moves only after a real step.
 The loop reads its losses on the host every ``LOG_EVERY`` steps, not every step.
 Checkpoints hold model, EMA, optimizer, step and every random state, and are written
 atomically (a temporary file, then a rename): a run interrupted and resumed ends with the same

@@ -136,6 +136,13 @@ def test_cpu_plan_is_fp32_without_checkpointing():
     assert plan.fits is None and plan.peak_bytes > 0
 
 
+def test_a_half_precision_run_is_channels_last_on_a_cpu_too():
+    cpu = get_preset("cpu", unet="tiny", image_size=32)
+    assert not plan_training(cpu, feature_channels=8, estimate=False).channels_last  # fp32: NCHW, as shipped
+    bf16 = plan_training(cpu.replace(precision="bf16"), feature_channels=8, estimate=False)
+    assert bf16.precision is Precision.BF16 and bf16.channels_last
+
+
 def test_plan_command_prints_one_json_object(capsys):
     code = main(["plan", "--preset", "cpu", "--set", "unet='tiny'", "--set", "image_size=32",
                  "--gpu-memory", "15", "--compute-capability", "7.5", "--json"])

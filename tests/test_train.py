@@ -13,7 +13,9 @@ def _same_weights(a, b):
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tiny_builtin, tiny_preset, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: autocast and channels-last
+def test_interrupted_run_resumes_to_the_same_weights(tiny_builtin, tiny_preset, tmp_path, precision):
+    tiny_preset = tiny_preset.replace(precision=precision)
     whole = fit(tiny_builtin, "brick", tmp_path / "whole", tiny_preset, progress=False)
     part = fit(tiny_builtin, "brick", tmp_path / "split", tiny_preset, progress=False, stop_after=4)
     assert len(part.history) == 4 and not (tmp_path / "split" / MODEL_NAME).exists()
