@@ -132,15 +132,17 @@ def read_times(*files) -> dict[str, float]:
     return {}
 
 
-def next_chapter(waiting: list[str], running: list[str], expected: dict[str, float]) -> str | None:
-    """The chapter to start now, of those ``waiting`` whose :func:`chapters_read_first` are neither
-    waiting nor ``running`` (done, or not built this time): the one expected to take longest, so
-    that a long chapter does not start last while the other cores go idle. A chapter without a time
-    counts as the median one; ties go in the book's order. None while no chapter is ready."""
+def next_chapter(waiting: list[str], running: list[str], expected: dict[str, float],
+                 read_first=chapters_read_first) -> str | None:
+    """The chapter to start now, of those ``waiting`` whose ``read_first`` chapters (by default
+    :func:`chapters_read_first`, read from the notebook) are neither waiting nor ``running`` (done,
+    or not built this time): the one expected to take longest, so that a long chapter does not start
+    last while the other cores go idle. A chapter without a time counts as the median one; ties go
+    in the book's order. None while no chapter is ready."""
     known = sorted(expected[chapter_name(p)] for p in waiting if chapter_name(p) in expected)
     median = known[len(known) // 2] if known else 0.0
     busy = {chapter_name(p) for p in (*waiting, *running)}
-    ready = [p for p in waiting if not busy.intersection(chapters_read_first(p))]
+    ready = [p for p in waiting if not busy.intersection(read_first(p))]
     if not ready:
         return None
     return max(ready, key=lambda p: expected.get(chapter_name(p), median))
@@ -172,6 +174,7 @@ def execute_chapters(cache, paths: list[str], jobs: int, timeout: int | None = N
     from jupyter_cache.base import CacheBundleIn
 
     expected = expected or {}
+    after = {path: chapters_read_first(path) for path in paths}  # each notebook read once, not per pick
     failed, times = {}, {}
     waiting, running = list(paths), {}
     start = time.perf_counter()
@@ -179,7 +182,7 @@ def execute_chapters(cache, paths: list[str], jobs: int, timeout: int | None = N
                                                 initargs=(threads_per_chapter(jobs),)) as pool:
         while waiting or running:
             while len(running) < jobs and waiting:
-                path = next_chapter(waiting, list(running.values()), expected)
+                path = next_chapter(waiting, list(running.values()), expected, after.__getitem__)
                 if path is None and running:
                     break
                 path = path or waiting[0]  # chapters that name each other as read first: the book's order
