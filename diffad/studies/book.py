@@ -566,9 +566,14 @@ def scored_each(ctx: Context, models: Mapping[str, TrainedModel], datasets: Mapp
     the tests): each first scores the categories no other process is scoring, then reads the others'
     (:func:`diffad.io.build_each`), rather than both waiting in turn on the same category."""
     paths = {_scores_path(ctx, models[c], datasets[c], seed): c for c in models}
-    build_each(list(paths), Path.is_file, lambda path: scored(ctx, models[paths[path]], datasets[paths[path]], seed),
-               "scoring the categories")
-    return {c: scored(ctx, models[c], datasets[c], seed) for c in models}
+    maps = {}  # what this process scored, kept rather than read back from the file it just wrote
+
+    def score(path: Path) -> None:
+        category = paths[path]
+        maps[category] = scored(ctx, models[category], datasets[category], seed)
+
+    build_each(list(paths), Path.is_file, score, "scoring the categories")
+    return {c: maps[c] if c in maps else scored(ctx, models[c], datasets[c], seed) for c in models}
 
 
 def _consistent_scoring(ctx: Context, model: TrainedModel, data: CategoryData,
