@@ -4,6 +4,7 @@
 * :class:`Precision` and :func:`choose_precision`: bf16 only where the chip has it natively
   (compute capability 8.0 and above: A100, L4, H100), fp16 with a gradient scaler below that
   (a T4 reports ``is_bf16_supported()`` True but emulates it, slowly), fp32 on a CPU.
+  :func:`cpu_has_native_bf16` says whether this CPU would run an opted-in bf16 faster.
 * :class:`Accelerator` and :data:`ACCELERATORS`: the GPUs people run the paper preset on, with
   their memory and peak FLOP/s, so a plan can be made for a GPU that is not here.
 * :class:`PeakMemory`: live bytes of tensor storages, and their peak, while a computation runs.
@@ -29,8 +30,8 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
-    "pick_device", "Precision", "choose_precision", "Accelerator", "ACCELERATORS", "accelerator_of",
-    "PeakMemory", "GIB",
+    "pick_device", "Precision", "choose_precision", "cpu_has_native_bf16", "Accelerator", "ACCELERATORS",
+    "accelerator_of", "PeakMemory", "GIB",
 ]
 
 GIB = 2**30
@@ -83,6 +84,17 @@ def choose_precision(requested: str, device_type: str, compute_capability: tuple
     if compute_capability is not None and tuple(compute_capability) >= (8, 0):
         return Precision.BF16
     return Precision.FP16
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) that oneDNN's bf16 kernels use.
+
+    There ``--set precision=bf16`` trains the cpu preset 1.8 to 1.9 times as fast as fp32; on a CPU
+    without them bf16 is emulated and slower than fp32. Read through torch's own CPU probes
+    (``torch.cpu._is_*_supported``, x86 only: False elsewhere, and on a torch without them).
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from diffad.cli import main
-from diffad.device import GIB, PeakMemory, Precision, accelerator_of, choose_precision
+from diffad import device_plan
+from diffad.device import GIB, PeakMemory, Precision, accelerator_of, choose_precision, cpu_has_native_bf16
 from diffad.presets import get_preset
 from diffad.device_plan import TrainingPlan, estimate_training_step, plan_training
 
@@ -141,6 +142,27 @@ def test_a_half_precision_run_is_channels_last_on_a_cpu_too():
     assert not plan_training(cpu, feature_channels=8, estimate=False).channels_last  # fp32: NCHW, as shipped
     bf16 = plan_training(cpu.replace(precision="bf16"), feature_channels=8, estimate=False)
     assert bf16.precision is Precision.BF16 and bf16.channels_last
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_an_fp32_cpu_plan_names_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(device_plan, "cpu_has_native_bf16", lambda: native)
+    cpu = get_preset("cpu", unet="tiny", image_size=32)
+    plan = plan_training(cpu, feature_channels=8, estimate=False)
+    assert plan.native_bf16 is native and plan.precision is Precision.FP32  # "auto" stays fp32 either way
+    assert ("--set precision=bf16" in plan.describe()) is native
+    for forced in ("fp32", "bf16"):  # asked for by name: nothing to suggest
+        assert "--set precision=bf16" not in plan_training(cpu.replace(precision=forced), feature_channels=8,
+                                                           estimate=False).describe()
+    gpu = plan_training(cpu, memory_gib=15, compute_capability=(7, 5), feature_channels=8, estimate=False)
+    assert not gpu.native_bf16 and "--set precision=bf16" not in gpu.describe()
+
+
+def test_the_cpu_bf16_probe_reads_torch_and_says_no_without_its_probes(monkeypatch):
+    assert isinstance(cpu_has_native_bf16(), bool)
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert cpu_has_native_bf16() is False
 
 
 def test_plan_command_prints_one_json_object(capsys):
