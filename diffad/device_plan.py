@@ -91,8 +91,8 @@ class TrainingPlan:
     @property
     def channels_last(self) -> bool:
         """Channels-last wherever the UNet runs in a half precision: CUDA's tensor cores, and a CPU's
-        oneDNN (bf16 on 2 cores with AMX: 0.52 s per cpu-preset step in channels-last, 0.65 s in
-        NCHW, fp32 0.97 s). An fp32 run keeps NCHW: on a CPU channels-last is slower there (1.02
+        oneDNN (bf16 on 2 cores with AMX, back to back: 0.41 s per cpu-preset step in channels-last,
+        0.45 s in NCHW). An fp32 run keeps NCHW: on a CPU channels-last is slower there (1.02
         s against 0.91 s) and its sums differ, so a retrained model would not match the shipped one."""
         return self.precision is not Precision.FP32
 

@@ -328,6 +328,37 @@ def test_group_norm32_computes_in_float32():
         GroupNorm32(48)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm32_on_bfloat16_on_a_cpu_matches_the_float32_path(channels_last):
+    """The mixed-type kernel (no casts) against casting to float32 and back: values, gradients, layout."""
+    torch.manual_seed(0)
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = (torch.randn(4, 64, 8, 8) * 3 + 1).to(torch.bfloat16).contiguous(memory_format=layout)
+    grad = torch.randn(x.shape).to(torch.bfloat16).contiguous(memory_format=layout)
+
+    def through_float32(xx):
+        return torch.nn.functional.group_norm(xx.float(), 32, norm.weight, norm.bias, norm.eps).to(torch.bfloat16)
+
+    results = []
+    for path in (through_float32, norm):
+        norm.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = path(xx)
+        out.backward(grad)
+        results.append((out, xx.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+        assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=layout)
+        assert norm.weight.grad.dtype == torch.float32
+    (out32, gx32, gw32, gb32), (out, gx, gw, gb) = results
+    assert (out == out32).float().mean() > 0.99 and (gx == gx32).float().mean() > 0.99
+    torch.testing.assert_close(out, out32, atol=0.02, rtol=0.01)
+    torch.testing.assert_close(gx, gx32, atol=0.02, rtol=0.01)
+    torch.testing.assert_close(gw, gw32, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gb, gb32)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
