@@ -1,47 +1,55 @@
 """Speed of the cpu preset here, and the size of the paper preset (counted, not timed).
 
-    python benchmarks/bench_model.py [--steps 10]
+    python benchmarks/bench_model.py [--steps 10] [--precision auto|fp32|bf16]
 
 Prints: training steps/s and scoring UNet passes/s of the cpu preset on this machine (random
 data, so no dataset is needed); parameter count and FLOPs of one paper-preset UNet forward at
 256x256 (built on the meta device: no memory, no weights), and UNet passes per scored image.
+The training step is :func:`diffad.step.training_step` as ``diffad train`` runs it (both losses,
+gradient clipping, AdamW, the EMA), in the precision and memory layout of the run's plan: on a
+CPU with AVX512-BF16 or AMX, ``--precision bf16`` times the faster opt-in.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffad.backbones import FeatureExtractor, backbone_info
 from diffad.models import count_parameters
 from diffad.presets import get_preset
+from diffad.device import PRECISION_CHOICES
+from diffad.device_plan import plan_training
 from diffad.models.denoiser import build_diffusion, build_unet
+from diffad.step import Batch, draw_batch, make_optimizer, training_step
 
 
-def time_training(preset, feature_channels: int, steps: int) -> float:
-    """Seconds per optimisation step (forward, both losses, backward, AdamW), after 2 warm-up steps."""
+def time_training(preset, plan, feature_channels: int, steps: int) -> float:
+    """Seconds per optimisation step of :func:`training_step` under ``plan`` (its precision and
+    layout), after 2 warm-up steps (the first steps allocate and choose kernels)."""
     unet = build_unet(preset, feature_channels, None)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=preset.lr)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    if plan.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(unet, preset, "cpu")
     diffusion = build_diffusion(preset)
-    x0 = torch.rand(preset.batch_size, 3, preset.image_size, preset.image_size) * 2 - 1
-    grid = preset.image_size // 4
-    target = torch.randn(preset.batch_size, feature_channels, grid, grid)
+    generator = torch.Generator().manual_seed(0)
+    size, grid = preset.image_size, preset.image_size // 4
+    max_t = preset.max_train_timestep or diffusion.num_timesteps
     times = []
     for i in range(steps + 2):
+        x0 = torch.rand(preset.batch_size, 3, size, size, generator=generator) * 2 - 1
+        _, t, noise = draw_batch(generator, 1, preset.batch_size, max_t, x0.shape[1:])
+        target = torch.randn(preset.batch_size, feature_channels, grid, grid, generator=generator)
         start = time.perf_counter()
-        t = torch.randint(preset.max_train_timestep or 1000, (preset.batch_size,))
-        noise = torch.randn_like(x0)
-        x_t = diffusion.q_sample(x0, t, noise)
-        output, features = unet(x_t, t, return_features=True)
-        loss = diffusion.training_losses_from_output(output, x0, x_t, t, noise)["loss"].mean()
-        loss = loss + F.mse_loss(features, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        training_step(unet, optimizer, diffusion, Batch(x0, t, noise, target), lr=preset.lr,
+                      feature_loss_weight=preset.feature_loss_weight, grad_clip=preset.grad_clip,
+                      precision=plan.precision, ema=ema, ema_rate=preset.ema_rate,
+                      channels_last=plan.channels_last, check_finite=False)
         if i >= 2:
             times.append(time.perf_counter() - start)
     return sum(times) / len(times)
@@ -79,14 +87,19 @@ def paper_size() -> tuple[int, int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="of the training step (auto: fp32 on a CPU, as the shipped models)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cpu = get_preset("cpu")
+    cpu = get_preset("cpu", precision=args.precision)
     channels = FeatureExtractor(cpu.backbone, pretrained=False).out_channels
-    step = time_training(cpu, channels, args.steps)
+    plan = plan_training(cpu, "cpu", feature_channels=channels, estimate=False)
+    step = time_training(cpu, plan, channels, args.steps)
     score = time_scoring_pass(cpu, channels, args.steps)
     n_t = len(cpu.test_timesteps)
-    print(f"cpu preset ({cpu.image_size}px, batch {cpu.batch_size}, {torch.get_num_threads()} threads): "
+    layout = "channels-last" if plan.channels_last else "NCHW"
+    print(f"cpu preset ({cpu.image_size}px, batch {cpu.batch_size}, {torch.get_num_threads()} threads, "
+          f"{plan.precision.value} {layout}): "
           f"{1 / step:.2f} training steps/s ({step:.2f} s/step; {cpu.train_steps} steps = {cpu.train_steps * step / 60:.1f} min)")
     per_pass = score / cpu.score_batch_size
     print(f"cpu preset scoring: {1 / per_pass:.1f} UNet passes/s per image; {n_t} timesteps -> "
