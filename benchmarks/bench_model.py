@@ -20,11 +20,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffad.backbones import FeatureExtractor, backbone_info
-from diffad.models import count_parameters
-from diffad.presets import get_preset
 from diffad.device import PRECISION_CHOICES
 from diffad.device_plan import plan_training
+from diffad.models import count_parameters
 from diffad.models.denoiser import build_diffusion, build_unet
+from diffad.presets import get_preset
 from diffad.step import Batch, draw_batch, make_optimizer, training_step
 
 

@@ -90,8 +90,9 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) that oneDNN's bf16 kernels use.
 
     There ``--set precision=bf16`` trains the cpu preset about twice as fast as fp32 (600 steps on 2
-    cores: 4.4 minutes against 8.0); on a CPU without them bf16 is emulated and slower than fp32. Read through torch's own CPU probes
-    (``torch.cpu._is_*_supported``, x86 only: False elsewhere, and on a torch without them).
+    cores: 4.4 minutes against 8.0); on a CPU without them bf16 is emulated and slower than fp32.
+    Read through torch's own CPU probes (``torch.cpu._is_*_supported``, x86 only: False elsewhere,
+    and on a torch without them).
     """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)

@@ -350,11 +350,11 @@ def plan_training(preset: str | Preset = "paper", device=None, *, memory_gib: fl
         unet_size = StateSize.of(build_unet(preset, feature_channels, num_classes if preset.class_cond else None))
     storage = dict(checkpoint_format="compact" if preset.checkpoint_format == "compact" else "exact",
                    model_dtype=choose_model_dtype(preset.model_dtype, precision))
+    native_bf16 = device_type == "cpu" and cpu_has_native_bf16()
     plan = None
     for gradient_checkpointing, ema_device in candidates:
         plan = TrainingPlan(preset, device_type, accelerator, precision, gradient_checkpointing, ema_device, **table,
-                            unet_size=unet_size, native_bf16=device_type == "cpu" and cpu_has_native_bf16(),
-                            **storage)
+                            unet_size=unet_size, native_bf16=native_bf16, **storage)
         if not estimate:
             return plan
         peak, _ = estimate_training_step(plan, feature_channels, num_classes)
