@@ -71,7 +71,7 @@ def choose_precision(requested: str, device_type: str, compute_capability: tuple
 
     "auto": fp32 on a CPU; on a GPU bf16 from compute capability 8.0 (native), fp16 below.
     An explicit choice is kept as asked: fp16/bf16 on a CPU run through CPU autocast. bf16 is the
-    faster one on a CPU with AMX or AVX512-BF16 (a cpu-preset step 1.9 times as fast on 2 cores);
+    faster one on a CPU with AMX or AVX512-BF16 (:func:`cpu_has_native_bf16`: about twice as fast);
     a CPU without them has no native bf16 kernels. "auto" keeps fp32 on every CPU: the arithmetic
     of the shipped models.
     """

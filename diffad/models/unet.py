@@ -95,10 +95,11 @@ class GroupNorm32(nn.GroupNorm):
 
     def _normalise_bfloat16_on_a_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """bf16 in and out, the statistics and the affine in float32 with the float32 weights (torch's
-        mixed-type CPU kernel): the float32 path's result in 999 values of 1000 (the others differ by the
-        kernel's own float32 rounding), without its two casts. The kernel runs on NCHW: its channels-last backward is 4 to 5
-        times slower (1.9 ms against 0.4 ms a call in a cpu-preset step), so a channels-last input is
-        transposed in and out. A bf16 cpu-preset training step: 0.41 s instead of 0.47."""
+        mixed-type CPU kernel): the float32 path's result in 999 values of 1000 (the others differ by
+        the kernel's own float32 rounding), without its two casts. The kernel runs on NCHW: its
+        channels-last backward is 4 to 5 times slower (1.9 ms against 0.4 ms a call in a cpu-preset
+        step), so a channels-last input is transposed in and out. A bf16 cpu-preset training step:
+        0.41 s instead of 0.47."""
         channels_last = (x.dim() == 4 and not x.is_contiguous()
                          and x.is_contiguous(memory_format=torch.channels_last))
         out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
